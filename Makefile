@@ -1,0 +1,30 @@
+# mail-selfcheck developer entry points. See README.md.
+PY   ?= python3
+VENV := .venv
+BIN  := $(VENV)/bin
+
+.PHONY: test demo system-deps venv control-plane
+
+## Debian packages the tests need (Postfix, Dovecot, buildah, ...); idempotent.
+system-deps:
+	bash hack/install-system-deps.sh
+
+## Python virtualenv with the project and its test dependencies.
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+## Build (or find in ~/.cache/mail-selfcheck) etcd, kube-apiserver, kube-controller-manager, kubectl, helm.
+control-plane: venv
+	$(BIN)/python -m tests.harness.controlplane build
+
+## The whole test suite: unit, real Postfix+Dovecot, real Kubernetes control plane.
+test: system-deps venv control-plane
+	$(BIN)/pytest
+
+## One-command demo: control plane + mail stack + operator + a sample MailSelfcheck.
+demo: system-deps venv control-plane
+	$(BIN)/python -m tests.harness.demo
