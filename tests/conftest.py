@@ -1,0 +1,11 @@
+"""Root conftest: registers the fixtures of the real test tiers.
+
+* ``tests.harness.mail_fixtures``: a real Postfix + Dovecot stack on loopback ports.
+* ``tests.harness.cluster_fixtures``: a real etcd + kube-apiserver + kube-controller-manager
+  control plane with a node agent standing in for the kubelet.
+"""
+
+pytest_plugins = [
+    "tests.harness.mail_fixtures",
+    "tests.harness.cluster_fixtures",
+]
