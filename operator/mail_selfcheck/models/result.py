@@ -1,0 +1,85 @@
+"""The result of one probe run: the contract between the probe and the controller.
+
+The probe prints it (``--json``), writes it to the termination-message file
+(``--result-file``, read back by the controller from the pod status) and logs it.
+Kubernetes truncates a termination message at 4096 bytes
+(https://kubernetes.io/docs/tasks/debug/debug-application/determine-reason-pod-failure/),
+so :meth:`ProbeResult.to_json` keeps the serialised form within :data:`MAX_RESULT_BYTES`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+#: Upper bound of the serialised result, in bytes (Kubernetes termination-message limit).
+MAX_RESULT_BYTES = 4096
+
+#: Machine-readable failure classes, used as a metric label and in troubleshooting docs.
+ErrorClass = Literal[
+    "mailbox_unavailable",  # login / SELECT failed before sending (step 1)
+    "smtp_connect",  # SMTP server unreachable, refused, timed out
+    "smtp_tls",  # STARTTLS missing or certificate verification failed
+    "smtp_rejected",  # 5xx reply during the transaction
+    "smtp_deferred",  # 4xx replies until the time budget ran out
+    "imap_connect",  # IMAP server unreachable during reception
+    "imap_tls",  # IMAP TLS failure
+    "timeout",  # message not received within the timeout
+    "junk",  # delivered, but into the Junk folder
+    "integrity",  # received, but altered or structurally damaged
+    "internal",  # a bug in the probe: an unexpected exception
+]
+
+
+class ProbeResult(BaseModel):
+    """Outcome of one selfcheck.
+
+    The four documented keys are ``success``, ``error``, ``send_time`` and
+    ``reception_time``; times are seconds (float), ``None`` when that step did not complete.
+    The other fields are diagnostics; none of them ever holds a password or the configured
+    secret.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    success: bool
+    error: str | None = None
+    send_time: float | None = Field(default=None, description="Seconds from SMTP connect to the final 250 reply.")
+    reception_time: float | None = Field(
+        default=None, description="Seconds from the final 250 reply to the message being seen over IMAP."
+    )
+    error_class: ErrorClass | None = None
+    message_id: str | None = Field(default=None, description="Message-ID of the probe message (RFC 5322 3.6.4).")
+    folder: str | None = Field(default=None, description="IMAP folder the message was found in.")
+    smtp_reply: str | None = Field(default=None, description="Final reply of the SMTP server to DATA.")
+    cleanup_warning: str | None = Field(default=None, description="Set when the probe message could not be removed.")
+    duration: float | None = Field(default=None, description="Seconds the whole run took.")
+
+    def to_json(self) -> str:
+        """Serialise to one compact JSON line of at most :data:`MAX_RESULT_BYTES` bytes.
+
+        Long diagnostic strings are shortened (``error`` last) until the line fits.
+        """
+        data = self.model_dump(mode="json")
+        text = json.dumps(data, separators=(",", ":"), ensure_ascii=True)
+        for key in ("smtp_reply", "cleanup_warning", "folder", "message_id", "error"):
+            if len(text.encode()) <= MAX_RESULT_BYTES:
+                break
+            value = data.get(key)
+            if isinstance(value, str):
+                excess = len(text.encode()) - MAX_RESULT_BYTES
+                keep = max(0, len(value) - excess - 3)
+                data[key] = value[:keep] + "..." if keep else None
+                text = json.dumps(data, separators=(",", ":"), ensure_ascii=True)
+        return text
+
+    @classmethod
+    def from_json(cls, text: str) -> "ProbeResult":
+        """Parse a result line written by :meth:`to_json`.
+
+        Raises:
+            pydantic.ValidationError: the text is not a result object.
+        """
+        return cls.model_validate_json(text.strip())

@@ -1,0 +1,162 @@
+"""Probe settings, read from ``MESSAGES_SELFCHECK_*`` environment variables.
+
+The names of the seed (``_FROM``, ``_TO``, ``_SECRET``, ``_INTERVAL``, ``_TIMEOUT``,
+``_WEBHOOK_URL``) are accepted as they are; the SMTP/IMAP/TLS variables follow the same
+scheme. All durations are seconds. Every variable is documented in README.md
+("Configuration reference").
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .common import (
+    ADDRESS_PATTERN,
+    DEFAULT_IMAP_PORTS,
+    DEFAULT_INTERVAL,
+    DEFAULT_SMTP_PORTS,
+    DEFAULT_TIMEOUT,
+    Detection,
+    ImapSecurity,
+    SmtpSecurity,
+)
+
+ENV_PREFIX = "MESSAGES_SELFCHECK_"
+_ADDRESS = re.compile(ADDRESS_PATTERN)
+
+
+class ProbeSettings(BaseSettings):
+    """Configuration of one probe run.
+
+    Each field ``x`` is read from ``MESSAGES_SELFCHECK_X`` (``from_address`` and
+    ``to_address`` from ``MESSAGES_SELFCHECK_FROM`` / ``_TO``). Empty strings count as unset.
+
+    Raises:
+        pydantic.ValidationError: on an invalid value; :func:`describe_errors` turns it into
+        lines that name the environment variable.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_ignore_empty=True, populate_by_name=True, extra="ignore"
+    )
+
+    from_address: str = Field(
+        "", validation_alias="MESSAGES_SELFCHECK_FROM", description="Sender address (header From and envelope sender)."
+    )
+    to_address: str = Field("", validation_alias="MESSAGES_SELFCHECK_TO", description="Recipient address whose mailbox is watched.")
+    secret: SecretStr = Field(SecretStr(""), description="Secret string carried in the test message (token prefix).")
+    interval: float = Field(DEFAULT_INTERVAL, ge=1, description="Seconds between runs (``run --loop``).")
+    timeout: float = Field(DEFAULT_TIMEOUT, gt=0, description="Seconds the whole run may take, reception included.")
+    webhook_url: SecretStr | None = Field(None, description="Heartbeat URL POSTed on success (holds a token).")
+
+    smtp_host: str = Field("localhost", min_length=1)
+    smtp_port: int | None = Field(None, ge=1, le=65535, description="Default: 587 (starttls, plain) or 465 (tls).")
+    smtp_security: SmtpSecurity = "starttls"
+    smtp_username: str | None = Field(None, description="Default: the FROM address.")
+    smtp_password: SecretStr | None = None
+
+    imap_host: str = Field("localhost", min_length=1)
+    imap_port: int | None = Field(None, ge=1, le=65535, description="Default: 993 (tls) or 143 (starttls, plain).")
+    imap_security: ImapSecurity = "tls"
+    imap_username: str | None = Field(None, description="Default: the TO address.")
+    imap_password: SecretStr | None = None
+    imap_folder: str = Field("INBOX", min_length=1)
+    imap_detection: Detection = "adaptive"
+    imap_poll_interval: float = Field(0.1, gt=0, le=60, description="Seconds between polls for detection=poll.")
+
+    tls_ca_file: Path | None = Field(None, description="PEM CA bundle to verify servers with (default: system CAs).")
+    tls_insecure_skip_verify: bool = False
+
+    @field_validator("from_address", "to_address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        value = value.strip()
+        if value and not _ADDRESS.match(value):
+            raise ValueError(f"{value!r} is not a mail address like user@example.com")
+        return value
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not re.match(r"^https?://[^\s/]+", value.get_secret_value()):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("tls_ca_file")
+    @classmethod
+    def _ca_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"CA bundle {str(value)!r} does not exist or is not a file")
+        return value
+
+    @model_validator(mode="after")
+    def _complete(self) -> "ProbeSettings":
+        if not self.enabled:
+            return self
+        if not self.secret.get_secret_value():
+            raise ValueError("MESSAGES_SELFCHECK_SECRET must be set when FROM and TO are set")
+        if self.smtp_security != "plain" and not self.smtp_password:
+            raise ValueError(
+                f"MESSAGES_SELFCHECK_SMTP_PASSWORD must be set (AUTH is required with smtp_security={self.smtp_security})"
+            )
+        if not self.imap_password:
+            raise ValueError("MESSAGES_SELFCHECK_IMAP_PASSWORD must be set")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        """False when FROM or TO is empty: the run is skipped (as in the seed)."""
+        return bool(self.from_address and self.to_address)
+
+    @property
+    def smtp_port_effective(self) -> int:
+        return self.smtp_port or DEFAULT_SMTP_PORTS[self.smtp_security]
+
+    @property
+    def imap_port_effective(self) -> int:
+        return self.imap_port or DEFAULT_IMAP_PORTS[self.imap_security]
+
+    @property
+    def smtp_login(self) -> str:
+        return self.smtp_username or self.from_address
+
+    @property
+    def imap_login(self) -> str:
+        return self.imap_username or self.to_address
+
+    def secret_values(self) -> list[str]:
+        """Every confidential string of this configuration, for redaction."""
+        values = [self.secret, self.smtp_password, self.imap_password, self.webhook_url]
+        return [v.get_secret_value() for v in values if v is not None and v.get_secret_value()]
+
+
+_FIELD_ENV = {"from_address": "MESSAGES_SELFCHECK_FROM", "to_address": "MESSAGES_SELFCHECK_TO"}
+
+
+def env_name(field: str) -> str:
+    """Environment variable that sets settings field ``field``."""
+    return _FIELD_ENV.get(field, ENV_PREFIX + field.upper())
+
+
+def describe_errors(exc: Exception) -> list[str]:
+    """Turn a settings ``ValidationError`` into one human line per problem, naming the variable.
+
+    Values are never echoed for secret fields.
+    """
+    errors = getattr(exc, "errors", None)
+    if errors is None:
+        return [str(exc)]
+    lines = []
+    for err in errors():
+        loc = [str(p) for p in err.get("loc", ())]
+        field = loc[0] if loc else ""
+        name = field if field.startswith(ENV_PREFIX) else (env_name(field) if field else "configuration")
+        msg = err.get("msg", "invalid")
+        msg = msg.removeprefix("Value error, ")
+        lines.append(f"{name}: {msg}" if field else msg)
+    return lines
+
