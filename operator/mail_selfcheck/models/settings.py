@@ -69,6 +69,9 @@ class ProbeSettings(BaseSettings):
     imap_poll_interval: float = Field(0.1, gt=0, le=60, description="Seconds between polls for detection=poll.")
 
     tls_ca_file: Path | None = Field(None, description="PEM CA bundle to verify servers with (default: system CAs).")
+    tls_ca_pem: str | None = Field(
+        None, description="PEM CA certificates as text (the Job passes a ConfigMap/Secret key this way)."
+    )
     tls_insecure_skip_verify: bool = False
 
     @field_validator("from_address", "to_address")
@@ -91,6 +94,13 @@ class ProbeSettings(BaseSettings):
     def _ca_file(cls, value: Path | None) -> Path | None:
         if value is not None and not value.is_file():
             raise ValueError(f"CA bundle {str(value)!r} does not exist or is not a file")
+        return value
+
+    @field_validator("tls_ca_pem")
+    @classmethod
+    def _ca_pem(cls, value: str | None) -> str | None:
+        if value is not None and "-----BEGIN CERTIFICATE-----" not in value:
+            raise ValueError("must hold PEM certificates (-----BEGIN CERTIFICATE-----)")
         return value
 
     @model_validator(mode="after")
