@@ -1,0 +1,35 @@
+"""The probe's failure type: one precise, secret-free message per failure, with a class."""
+
+from __future__ import annotations
+
+from ..models.result import ErrorClass
+
+
+class ProbeFailure(Exception):
+    """A step failed; ``str(exc)`` is the ``error`` of the result, ``error_class`` its class.
+
+    ``smtp_reply`` carries the server's reply when one explains the failure.
+    """
+
+    def __init__(self, error_class: ErrorClass, message: str, *, smtp_reply: str | None = None):
+        super().__init__(message)
+        self.error_class: ErrorClass = error_class
+        self.smtp_reply = smtp_reply
+
+
+def describe_oserror(exc: BaseException) -> str:
+    """Short text for a network exception (``OSError``, ``ssl.SSLError``, socket timeouts)."""
+    import ssl
+    import socket
+
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verify failed: {exc.verify_message}"
+    if isinstance(exc, (socket.timeout, TimeoutError)):
+        return "timed out"
+    if isinstance(exc, socket.gaierror):
+        return f"name resolution failed: {exc.strerror or exc}"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS error: {exc.reason or exc}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,134 @@
+"""One selfcheck run: the seven steps, their timings and the :class:`ProbeResult`.
+
+Steps: (1) open TO's mailbox over IMAP and record UIDNEXT; (2) build the message;
+(3) submit it (FROM's AUTH is verified here, before MAIL FROM); (4) wait for it;
+(5) verify its integrity; (6) delete it, in a ``finally``; (7) the result, reported by
+:mod:`.report`. One deadline (``timeout`` seconds from the start) bounds steps 1-5;
+cleanup gets at most :data:`CLEANUP_BUDGET` seconds more.
+"""
+
+from __future__ import annotations
+
+import time
+
+import structlog
+
+from ..models.result import ProbeResult
+from ..models.settings import ProbeSettings
+from . import smtp
+from .errors import ProbeFailure
+from .imap import Mailbox
+from .message import IntegrityError, build_message, make_token, verify_message
+
+CLEANUP_BUDGET = 10.0  # seconds
+
+log = structlog.get_logger("mail_selfcheck.probe")
+
+
+def redact(text: str | None, secrets: list[str]) -> str | None:
+    """Replace every occurrence of each secret value in ``text`` by ``***``."""
+    if text is None:
+        return None
+    for value in sorted(secrets, key=len, reverse=True):
+        if value:
+            text = text.replace(value, "***")
+    return text
+
+
+def run_probe(settings: ProbeSettings) -> ProbeResult:
+    """Run one selfcheck. Never raises: every failure becomes ``success=False`` with a precise
+    ``error`` and ``error_class``; unexpected exceptions become ``error_class="internal"``.
+
+    Args:
+        settings: a validated, enabled configuration (``settings.enabled`` is true).
+
+    Returns:
+        The result; its strings never contain a password, the secret or the webhook URL.
+    """
+    started = time.monotonic()
+    deadline = started + settings.timeout
+    secret = settings.secret.get_secret_value()
+    token, nonce = make_token(secret)
+    fields: dict = {"success": False}
+    mailbox = Mailbox(settings)
+    sent = None
+    try:
+        mailbox.open(deadline)
+        log.debug("mailbox_opened", folder=mailbox.folder, uidvalidity=mailbox.uidvalidity,
+                  uidnext=mailbox.uidnext, junk_folder=mailbox.junk)
+        message = build_message(settings.from_address, settings.to_address, token, nonce)
+        fields["message_id"] = message.message_id
+        sent = smtp.send(settings, message, deadline)
+        fields.update(send_time=round(sent.send_time, 6), smtp_reply=sent.reply)
+        log.debug("message_sent", send_time=sent.send_time, attempts=sent.attempts, reply=sent.reply, nonce=nonce[:8])
+        found = mailbox.wait_for(nonce, deadline)
+        fields["folder"] = found.folder
+        waited = found.seen_at - sent.sent_at
+        if found.folder != mailbox.folder:
+            raise ProbeFailure(
+                "junk",
+                f"delivered to junk: the message arrived in {found.folder!r} instead of {mailbox.folder!r} "
+                f"after {waited:.3f} seconds",
+            )
+        fields["reception_time"] = round(waited, 6)
+        log.debug("message_received", folder=found.folder, uid=found.uid, reception_time=waited)
+        raw = mailbox.fetch(found)
+        try:
+            verify_message(
+                raw,
+                token,
+                from_address=message.from_address,
+                to_address=message.to_address,
+                subject=message.subject,
+                message_id=message.message_id,
+            )
+        except IntegrityError as exc:
+            raise ProbeFailure("integrity", f"integrity check failed: {exc}") from None
+        fields["success"] = True
+    except ProbeFailure as failure:
+        fields.update(error=str(failure), error_class=failure.error_class)
+        if failure.smtp_reply:
+            fields["smtp_reply"] = failure.smtp_reply
+    except Exception as exc:  # a bug, not a mail failure: report it, never crash
+        log.debug("probe_internal_error", exc_info=True)
+        fields.update(error=f"internal error: {type(exc).__name__}: {exc}", error_class="internal")
+    finally:
+        fields["cleanup_warning"] = _cleanup(settings, mailbox, nonce, secret, sent is not None)
+    fields["duration"] = round(time.monotonic() - started, 6)
+    secrets = settings.secret_values() + [token]
+    for key in ("error", "smtp_reply", "cleanup_warning"):
+        fields[key] = redact(fields.get(key), secrets)
+    return ProbeResult(**fields)
+
+
+def _cleanup(settings: ProbeSettings, mailbox: Mailbox, nonce: str, secret: str, sent: bool) -> str | None:
+    """Step 6, bounded by :data:`CLEANUP_BUDGET` seconds per attempt.
+
+    Uses the run's IMAP session; when it is unusable (or broke) and a message was sent, one
+    fresh session is tried. Returns a warning, or ``None`` when nothing was left behind.
+    """
+    attempts = [mailbox] if mailbox.ready else []
+    if sent:
+        attempts.append(None)  # a fresh session, if the first attempt fails or is impossible
+    warning: str | None = None
+    for candidate in attempts:
+        box = candidate
+        try:
+            if box is None:
+                box = Mailbox(settings)
+                box.open(time.monotonic() + CLEANUP_BUDGET)
+            box.client.socket().settimeout(CLEANUP_BUDGET)
+            warning = box.cleanup(nonce, secret, settings.timeout)
+            if warning is None or not warning.startswith("cleanup failed"):
+                break
+        except ProbeFailure as exc:
+            warning = f"cleanup not possible: {exc}"
+        except Exception as exc:
+            warning = f"cleanup failed: {type(exc).__name__}: {exc}"
+        finally:
+            if box is not None:
+                box.close()
+    mailbox.close()
+    if warning:
+        log.warning("cleanup_incomplete", warning=warning)
+    return warning

@@ -1,0 +1,168 @@
+"""Send the probe message by SMTP submission (RFC 6409) with smtplib.
+
+Security modes: ``starttls`` (RFC 3207; AUTH is never sent if the server does not offer
+STARTTLS), ``tls`` (implicit TLS, RFC 8314 3.3) and ``plain`` (no TLS; lab stacks only).
+Transient failures (4xx replies, RFC 5321 4.2.1, e.g. greylisting) are retried with
+exponential backoff (tenacity) while the time budget lasts; permanent failures (5xx) stop at
+once.
+"""
+
+from __future__ import annotations
+
+import smtplib
+import ssl
+import time
+from dataclasses import dataclass
+
+from tenacity import RetryError, Retrying, retry_if_exception, stop_before_delay, wait_exponential
+
+from ..models.settings import ProbeSettings
+from .errors import ProbeFailure, describe_oserror
+from .message import SentMessage
+from .tls import client_context
+
+
+@dataclass(frozen=True)
+class SendOutcome:
+    """``send_time``: seconds from opening the first connection to the final 250 reply to
+    DATA (TLS handshake, AUTH and any 4xx retries included); ``reply``: that final reply;
+    ``attempts``: number of transactions tried; ``sent_at``: ``time.monotonic()`` of the 250."""
+
+    send_time: float
+    reply: str
+    attempts: int
+    sent_at: float
+
+
+class _Deferred(Exception):
+    def __init__(self, reply: str):
+        super().__init__(reply)
+        self.reply = reply
+
+
+def _reply(code: int, text: bytes | str) -> str:
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    return f"{code} {' '.join(text.split())}"
+
+
+def _server(settings: ProbeSettings) -> str:
+    return f"{settings.smtp_host}:{settings.smtp_port_effective}"
+
+
+def _connect(settings: ProbeSettings, timeout: float) -> smtplib.SMTP:
+    host, port = settings.smtp_host, settings.smtp_port_effective
+    try:
+        if settings.smtp_security == "tls":
+            return smtplib.SMTP_SSL(host, port, timeout=timeout, context=client_context(settings))
+        return smtplib.SMTP(host, port, timeout=timeout)
+    except ssl.SSLError as exc:
+        raise ProbeFailure("smtp_tls", f"TLS error with SMTP server {_server(settings)}: {describe_oserror(exc)}") from exc
+    except smtplib.SMTPConnectError as exc:
+        raise ProbeFailure("smtp_connect", f"SMTP server {_server(settings)} refused the session: {_reply(exc.smtp_code, exc.smtp_error)}") from exc
+    except (OSError, smtplib.SMTPException) as exc:
+        raise ProbeFailure("smtp_connect", f"SMTP server {_server(settings)} unreachable: {describe_oserror(exc)}") from exc
+
+
+def _transaction(settings: ProbeSettings, message: SentMessage, deadline: float) -> str:
+    """One SMTP session: connect, (STARTTLS), AUTH, MAIL, RCPT, DATA. Returns the final reply."""
+    server = _server(settings)
+    timeout = max(0.5, deadline - time.monotonic())
+    smtp = _connect(settings, timeout)
+    try:
+        smtp.ehlo()
+        if settings.smtp_security == "starttls":
+            if not smtp.has_extn("starttls"):
+                raise ProbeFailure(
+                    "smtp_tls",
+                    f"SMTP server {server} does not offer STARTTLS; refusing to send credentials in clear text "
+                    "(use MESSAGES_SELFCHECK_SMTP_SECURITY=plain only for lab stacks)",
+                )
+            try:
+                smtp.starttls(context=client_context(settings))
+            except ssl.SSLError as exc:
+                raise ProbeFailure("smtp_tls", f"TLS error with SMTP server {server}: {describe_oserror(exc)}") from exc
+            smtp.ehlo()
+        if settings.smtp_password is not None:
+            try:
+                smtp.login(settings.smtp_login, settings.smtp_password.get_secret_value())
+            except smtplib.SMTPAuthenticationError as exc:
+                raise ProbeFailure(
+                    "mailbox_unavailable",
+                    f"mailbox unavailable: {settings.smtp_login} cannot authenticate at SMTP server {server}: "
+                    f"{_reply(exc.smtp_code, exc.smtp_error)}",
+                    smtp_reply=_reply(exc.smtp_code, exc.smtp_error),
+                ) from exc
+            except smtplib.SMTPNotSupportedError as exc:
+                raise ProbeFailure(
+                    "mailbox_unavailable",
+                    f"mailbox unavailable: SMTP server {server} offers no AUTH for {settings.smtp_login}",
+                ) from exc
+        for step, args in (("MAIL FROM", (message.from_address,)), ("RCPT TO", (message.to_address,))):
+            code, text = (smtp.mail if step == "MAIL FROM" else smtp.rcpt)(*args)
+            _check(code, text, f"{step}:<{args[0]}>", server)
+        code, text = smtp.data(message.raw)
+        _check(code, text, "DATA", server)
+        return _reply(code, text)
+    except smtplib.SMTPServerDisconnected as exc:
+        raise ProbeFailure("smtp_connect", f"SMTP server {server} closed the connection: {exc}") from exc
+    except (OSError, smtplib.SMTPException) as exc:
+        if isinstance(exc, ssl.SSLError):
+            raise ProbeFailure("smtp_tls", f"TLS error with SMTP server {server}: {describe_oserror(exc)}") from exc
+        if isinstance(exc, smtplib.SMTPResponseException):
+            _check(exc.smtp_code, exc.smtp_error, "session", server)
+        raise ProbeFailure("smtp_connect", f"SMTP session with {server} failed: {describe_oserror(exc)}") from exc
+    finally:
+        try:
+            smtp.quit()
+        except Exception:
+            smtp.close()
+
+
+def _check(code: int, text: bytes | str, step: str, server: str) -> None:
+    if 200 <= code < 400:
+        return
+    reply = _reply(code, text)
+    if 400 <= code < 500:
+        raise _Deferred(f"{step} {reply}")
+    raise ProbeFailure("smtp_rejected", f"SMTP server {server} rejected {step}: {reply}", smtp_reply=reply)
+
+
+def send(settings: ProbeSettings, message: SentMessage, deadline: float) -> SendOutcome:
+    """Submit ``message`` from ``settings.from_address`` to ``settings.to_address``.
+
+    Args:
+        deadline: ``time.monotonic()`` value after which no new attempt starts; socket
+            operations time out by then too.
+
+    Raises:
+        ProbeFailure: ``mailbox_unavailable`` (AUTH refused), ``smtp_connect``, ``smtp_tls``,
+            ``smtp_rejected`` (5xx, with the reply) or ``smtp_deferred`` (4xx until the
+            budget ran out, with the last reply).
+    """
+    started = time.monotonic()
+    attempts = 0
+    retrying = Retrying(
+        retry=retry_if_exception(lambda exc: isinstance(exc, _Deferred)),
+        wait=wait_exponential(multiplier=1, min=1, max=30),
+        stop=stop_before_delay(max(0.0, deadline - started)),
+        reraise=False,
+    )
+    try:
+        for attempt in retrying:
+            with attempt:
+                attempts += 1
+                reply = _transaction(settings, message, deadline)
+    except RetryError as exc:
+        last = exc.last_attempt.exception()
+        reply = getattr(last, "reply", str(last))
+        raise ProbeFailure(
+            "smtp_deferred",
+            f"SMTP server {_server(settings)} deferred the message ({attempts} attempts) until the time budget ran out: {reply}",
+            smtp_reply=reply,
+        ) from None
+    sent_at = time.monotonic()
+    return SendOutcome(send_time=sent_at - started, reply=reply, attempts=attempts, sent_at=sent_at)
+
+
+__all__ = ["SendOutcome", "send"]
