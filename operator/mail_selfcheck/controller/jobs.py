@@ -1,0 +1,402 @@
+"""The probe Job: its manifest (pure), reading its outcome (pure), creating, harvesting and pruning it.
+
+Follows batch/v1 Job (https://kubernetes.io/docs/concepts/workloads/controllers/job/) and the
+CronJob controller's conventions: one Job per slot with a deterministic name, an owner
+reference to the MailSelfcheck (deleting the resource garbage-collects its Jobs and pods),
+``restartPolicy: Never``, a small ``backoffLimit``, ``activeDeadlineSeconds`` just above the
+probe timeout, ``ttlSecondsAfterFinished`` as a safety net, and history limits applied by
+deleting old Jobs with ``propagationPolicy: Background``.
+
+The probe writes its result JSON to ``/dev/termination-log``; the Job's pod reports it in
+``status.containerStatuses[].state.terminated.message``
+(https://kubernetes.io/docs/tasks/debug/debug-application/determine-reason-pod-failure/).
+
+Secret values never enter the manifest: passwords, the probe secret, the webhook URL and a
+Secret-held CA bundle are ``env[].valueFrom.secretKeyRef`` references resolved by the kubelet.
+
+The API functions take an official ``kubernetes`` client ``ApiClient`` and run its blocking
+calls in worker threads (:func:`asyncio.to_thread`), so kopf's event loop never blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+from pydantic import ValidationError
+
+from ..models.result import ProbeResult
+from ..models.settings import env_name
+from ..models.spec import API_VERSION, GROUP, KIND, MailSelfcheckSpec
+from .schedule import format_time
+
+#: Default probe image; the operator's deployment sets ``MAIL_SELFCHECK_PROBE_IMAGE``.
+DEFAULT_IMAGE = os.environ.get("MAIL_SELFCHECK_PROBE_IMAGE", "ghcr.io/mail-selfcheck/mail-selfcheck:0.1.0")
+TERMINATION_LOG = "/dev/termination-log"
+DEFAULT_COMMAND = ["mail-selfcheck", "run", "--json", "--result-file", TERMINATION_LOG]
+CONTAINER = "probe"
+
+LABEL_OWNER_UID = f"{GROUP}/owner-uid"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED_BY = "mail-selfcheck-operator"
+ANNOTATION_SLOT = f"{GROUP}/schedule-time"
+
+#: Pod retries before the Job fails (the probe reports failures as results, exit 0; a
+#: non-zero exit is a crash, worth one retry at most).
+BACKOFF_LIMIT = 1
+#: Seconds added to the probe timeout for ``activeDeadlineSeconds`` (process start-up, result write).
+DEADLINE_MARGIN = 15
+#: Lower bound of ``ttlSecondsAfterFinished`` (seconds); history limits normally delete earlier.
+MIN_TTL = 3600
+#: Error class of a check whose Job ended without a probe result.
+JOB_FAILED = "job_failed"
+
+
+# ----------------------------------------------------------------------------- manifest
+
+
+def _value(name: str, value: Any) -> dict[str, Any]:
+    return {"name": name, "value": str(value)}
+
+
+def _secret(name: str, ref: Any) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
+
+
+def probe_env(spec: MailSelfcheckSpec) -> list[dict[str, Any]]:
+    """The probe's ``MESSAGES_SELFCHECK_*`` environment for ``spec`` (``core/v1 EnvVar`` list).
+
+    Names come from :func:`mail_selfcheck.models.settings.env_name` (one vocabulary with the
+    probe). Confidential values are Secret references only.
+    """
+    env = [
+        _value(env_name("from_address"), spec.from_address),
+        _value(env_name("to_address"), spec.to_address),
+        _secret(env_name("secret"), spec.secret_ref),
+        _value(env_name("interval"), spec.interval),
+        _value(env_name("timeout"), spec.timeout),
+        _value(env_name("smtp_host"), spec.smtp.host),
+        _value(env_name("smtp_security"), spec.smtp.security),
+        _value(env_name("imap_host"), spec.imap.host),
+        _value(env_name("imap_security"), spec.imap.security),
+        _value(env_name("imap_folder"), spec.imap.folder),
+        _secret(env_name("imap_password"), spec.imap.password_secret_ref),
+    ]
+    if spec.smtp.port:
+        env.append(_value(env_name("smtp_port"), spec.smtp.port))
+    if spec.smtp.username:
+        env.append(_value(env_name("smtp_username"), spec.smtp.username))
+    if spec.smtp.password_secret_ref:
+        env.append(_secret(env_name("smtp_password"), spec.smtp.password_secret_ref))
+    if spec.imap.port:
+        env.append(_value(env_name("imap_port"), spec.imap.port))
+    if spec.imap.username:
+        env.append(_value(env_name("imap_username"), spec.imap.username))
+    if spec.webhook_url_secret_ref:
+        env.append(_secret(env_name("webhook_url"), spec.webhook_url_secret_ref))
+    if spec.tls:
+        bundle = spec.tls.ca_bundle
+        if bundle and bundle.secret_key_ref:
+            env.append(_secret(env_name("tls_ca_pem"), bundle.secret_key_ref))
+        elif bundle and bundle.config_map_key_ref:
+            ref = bundle.config_map_key_ref
+            env.append(
+                {"name": env_name("tls_ca_pem"), "valueFrom": {"configMapKeyRef": {"name": ref.name, "key": ref.key}}}
+            )
+        if spec.tls.insecure_skip_verify:
+            env.append(_value(env_name("tls_insecure_skip_verify"), "true"))
+    return env
+
+
+def job_manifest(
+    *, name: str, namespace: str, owner_name: str, owner_uid: str, spec: MailSelfcheckSpec, slot: dt.datetime
+) -> dict[str, Any]:
+    """The batch/v1 Job for one check of the MailSelfcheck ``owner_name`` at ``slot``.
+
+    Returns a dict ready for ``BatchV1Api.create_namespaced_job``.
+    """
+    job = spec.job
+    labels = {
+        "app.kubernetes.io/name": "mail-selfcheck",
+        "app.kubernetes.io/component": "probe",
+        LABEL_MANAGED_BY: MANAGED_BY,
+        LABEL_OWNER_UID: owner_uid,
+    }
+    container: dict[str, Any] = {
+        "name": CONTAINER,
+        "image": (job.image if job and job.image else DEFAULT_IMAGE),
+        "command": list(job.command) if job and job.command else list(DEFAULT_COMMAND),
+        "env": probe_env(spec),
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+    }
+    if job and job.image_pull_policy:
+        container["imagePullPolicy"] = job.image_pull_policy
+    if job and job.resources:
+        container["resources"] = job.resources.model_dump(by_alias=True, exclude_none=True)
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [container],
+        "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "16Mi"}}],
+    }
+    if job and job.node_selector:
+        pod_spec["nodeSelector"] = dict(job.node_selector)
+    if job and job.tolerations:
+        pod_spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in job.tolerations]
+    if job and job.service_account_name:
+        pod_spec["serviceAccountName"] = job.service_account_name
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": labels,
+            "annotations": {ANNOTATION_SLOT: format_time(slot)},
+            "ownerReferences": [
+                {
+                    "apiVersion": API_VERSION,
+                    "kind": KIND,
+                    "name": owner_name,
+                    "uid": owner_uid,
+                    "controller": True,
+                    "blockOwnerDeletion": True,
+                }
+            ],
+        },
+        "spec": {
+            "backoffLimit": BACKOFF_LIMIT,
+            "activeDeadlineSeconds": int(math.ceil(spec.timeout)) + DEADLINE_MARGIN,
+            "ttlSecondsAfterFinished": max(MIN_TTL, 3 * spec.interval),
+            "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+        },
+    }
+
+
+# ----------------------------------------------------------------------------- outcome
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A finished check as the controller records it (a probe result, or why there is none).
+
+    ``send_time`` and ``reception_time`` are seconds; ``error_class`` is a probe error class
+    (:data:`mail_selfcheck.models.result.ErrorClass`) or :data:`JOB_FAILED`.
+    """
+
+    success: bool
+    error: str | None = None
+    error_class: str | None = None
+    send_time: float | None = None
+    reception_time: float | None = None
+
+    @classmethod
+    def from_result(cls, result: ProbeResult) -> "Outcome":
+        return cls(
+            success=result.success,
+            error=None if result.success else (result.error or "probe reported failure without an error"),
+            error_class=None if result.success else (result.error_class or "internal"),
+            send_time=result.send_time,
+            reception_time=result.reception_time,
+        )
+
+    @classmethod
+    def job_failed(cls, message: str) -> "Outcome":
+        return cls(success=False, error=message, error_class=JOB_FAILED)
+
+
+def _condition(job: dict[str, Any], type_: str) -> dict[str, Any] | None:
+    for cond in (job.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == type_ and cond.get("status") == "True":
+            return cond
+    return None
+
+
+def job_finished(job: dict[str, Any]) -> bool:
+    """True when the Job has a ``Complete`` or ``Failed`` condition with status True."""
+    return _condition(job, "Complete") is not None or _condition(job, "Failed") is not None
+
+
+def job_succeeded(job: dict[str, Any]) -> bool:
+    return _condition(job, "Complete") is not None
+
+
+def _short(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _terminated(pod: dict[str, Any]) -> dict[str, Any] | None:
+    for status in (pod.get("status") or {}).get("containerStatuses") or []:
+        if status.get("name") == CONTAINER:
+            return (status.get("state") or {}).get("terminated") or (status.get("lastState") or {}).get("terminated")
+    return None
+
+
+def _waiting_reason(pods: list[dict[str, Any]]) -> str | None:
+    for pod in pods:
+        for status in (pod.get("status") or {}).get("containerStatuses") or []:
+            waiting = (status.get("state") or {}).get("waiting")
+            if waiting and waiting.get("reason"):
+                return _short(f"{waiting['reason']}: {waiting.get('message', '')}".rstrip(": "))
+    return None
+
+
+def parse_result(message: str) -> ProbeResult | None:
+    """The probe result in a termination message: the whole message, else its last JSON line."""
+    candidates = [message] + [line for line in reversed(message.splitlines()) if line.startswith("{")]
+    for text in candidates:
+        try:
+            return ProbeResult.from_json(text)
+        except (ValidationError, ValueError):
+            continue
+    return None
+
+
+def outcome_from(job: dict[str, Any], pods: list[dict[str, Any]]) -> Outcome:
+    """The outcome of a finished Job, from its pods' termination messages.
+
+    The newest pod holding a parseable probe result wins. Without any result the check
+    failed; the error says why: the container's termination (``OOMKilled``, exit code, the
+    tail of its message), a waiting reason (``ImagePullBackOff``) or the Job's ``Failed``
+    condition (``DeadlineExceeded``, ``BackoffLimitExceeded``).
+    """
+    name = (job.get("metadata") or {}).get("name", "?")
+    ordered = sorted(pods, key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "", reverse=True)
+    crash: str | None = None
+    for pod in ordered:
+        term = _terminated(pod)
+        if not term:
+            continue
+        message = (term.get("message") or "").strip()
+        result = parse_result(message)
+        if result is not None:
+            return Outcome.from_result(result)
+        if crash is None:
+            detail = f"exit code {term.get('exitCode')}"
+            if term.get("reason"):
+                detail = f"{term['reason']}, {detail}"
+            crash = f"probe container ended without a result ({detail})"
+            if message:
+                crash += f": {_short(message, 200)}"
+    failed = _condition(job, "Failed")
+    parts = [f"Job {name} failed without a probe result" if failed else f"Job {name} finished without a probe result"]
+    if failed:
+        parts.append(f"{failed.get('reason', 'Failed')}: {_short(failed.get('message', ''))}".rstrip(": "))
+    if crash:
+        parts.append(crash)
+    else:
+        waiting = _waiting_reason(ordered)
+        if waiting:
+            parts.append(f"container never ran ({waiting})")
+    return Outcome.job_failed("; ".join(parts))
+
+
+def jobs_to_delete(
+    jobs: list[dict[str, Any]], *, results: dict[str, bool], successful_limit: int, failed_limit: int, keep: set[str]
+) -> list[str]:
+    """Names of finished Jobs beyond the history limits (oldest first), CronJob-style.
+
+    A Job counts as successful when its recorded check succeeded (``results``: Job name →
+    success, from ``status.history``); a Job with no recorded result counts by its own
+    ``Complete``/``Failed`` condition. Unfinished Jobs and ``keep`` are never deleted.
+    """
+    finished = [j for j in jobs if job_finished(j) and j["metadata"]["name"] not in keep]
+    finished.sort(key=lambda j: j["metadata"].get("creationTimestamp") or "", reverse=True)
+    ok, bad = [], []
+    for j in finished:
+        name = j["metadata"]["name"]
+        (ok if results.get(name, job_succeeded(j)) else bad).append(name)
+    return list(reversed(ok[successful_limit:])) + list(reversed(bad[failed_limit:]))
+
+
+# ----------------------------------------------------------------------------- API
+
+
+def _json(response: Any) -> dict[str, Any]:
+    return json.loads(response.data)
+
+
+class JobsApi:
+    """Async facade over ``BatchV1Api``/``CoreV1Api`` for the probe Jobs (raw JSON dicts in and out).
+
+    Every method runs one blocking client call in a worker thread. Errors other than the
+    ones documented per method propagate as ``kubernetes.client.rest.ApiException``.
+    """
+
+    def __init__(self, api_client: client.ApiClient) -> None:
+        self.batch = client.BatchV1Api(api_client)
+        self.core = client.CoreV1Api(api_client)
+
+    async def create(self, manifest: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """Create the Job; on 409 AlreadyExists return the existing one. Returns ``(job, created)``."""
+        ns, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
+        try:
+            resp = await asyncio.to_thread(self.batch.create_namespaced_job, ns, manifest, _preload_content=False)
+            return _json(resp), True
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+        existing = await self.get(ns, name)
+        if existing is None:  # deleted in between: treat as launched and gone
+            return {"metadata": {"name": name, "namespace": ns}}, False
+        return existing, False
+
+    async def get(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The Job, or None when it does not exist (404)."""
+        try:
+            return _json(await asyncio.to_thread(self.batch.read_namespaced_job, name, namespace, _preload_content=False))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def owned(self, namespace: str, owner_uid: str) -> list[dict[str, Any]]:
+        """Jobs created for the MailSelfcheck with UID ``owner_uid``."""
+        resp = await asyncio.to_thread(
+            self.batch.list_namespaced_job,
+            namespace,
+            label_selector=f"{LABEL_OWNER_UID}={owner_uid}",
+            _preload_content=False,
+        )
+        return _json(resp).get("items") or []
+
+    async def pods(self, job: dict[str, Any]) -> list[dict[str, Any]]:
+        """Pods of ``job`` (selected by its controller UID label)."""
+        uid = job["metadata"].get("uid")
+        selector = f"batch.kubernetes.io/controller-uid={uid}" if uid else f"job-name={job['metadata']['name']}"
+        resp = await asyncio.to_thread(
+            self.core.list_namespaced_pod, job["metadata"]["namespace"], label_selector=selector, _preload_content=False
+        )
+        return _json(resp).get("items") or []
+
+    async def delete(self, namespace: str, name: str) -> None:
+        """Delete a Job and, in the background, its pods; a missing Job is fine."""
+        try:
+            await asyncio.to_thread(
+                self.batch.delete_namespaced_job,
+                name,
+                namespace,
+                propagation_policy="Background",
+                _preload_content=False,
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise

@@ -1,0 +1,111 @@
+"""Prometheus series of the MailSelfchecks, labelled ``namespace`` and ``name`` (prometheus_client).
+
+Series (times in seconds, timestamps in Unix seconds):
+
+* ``mail_selfcheck_success``: 1 when the last check succeeded, 0 when it failed (a failed
+  send sets it to 0 too);
+* ``mail_selfcheck_last_send_time_seconds`` / ``mail_selfcheck_last_reception_time_seconds``:
+  the last measured value (a check that failed before measuring leaves them unchanged);
+* ``mail_selfcheck_send_time_seconds`` / ``mail_selfcheck_reception_time_seconds``:
+  histograms, buckets from 0.1 s to 10 min (:data:`BUCKETS`);
+* ``mail_selfcheck_checks_total{outcome="success"|"failure", error_class}``;
+* ``mail_selfcheck_last_success_timestamp_seconds``;
+* ``mail_selfcheck_consecutive_failures``.
+
+:meth:`Metrics.forget` removes every series of a deleted resource. Exposition:
+https://prometheus.io/docs/instrumenting/exposition_formats/.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+#: Histogram buckets (seconds): sub-second submission up to slow, greylisted delivery.
+BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
+
+_LABELS = ("namespace", "name")
+
+
+class Metrics:
+    """The operator's per-resource series in one registry."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.registry = registry
+        self.success = Gauge("mail_selfcheck_success", "1 if the last check succeeded, else 0.", _LABELS, registry=registry)
+        self.last_send = Gauge(
+            "mail_selfcheck_last_send_time_seconds", "SMTP submission time of the last check.", _LABELS, registry=registry
+        )
+        self.last_reception = Gauge(
+            "mail_selfcheck_last_reception_time_seconds",
+            "Time from submission to the message seen over IMAP, last check.",
+            _LABELS,
+            registry=registry,
+        )
+        self.send = Histogram(
+            "mail_selfcheck_send_time_seconds", "SMTP submission time.", _LABELS, buckets=BUCKETS, registry=registry
+        )
+        self.reception = Histogram(
+            "mail_selfcheck_reception_time_seconds",
+            "Time from submission to the message seen over IMAP.",
+            _LABELS,
+            buckets=BUCKETS,
+            registry=registry,
+        )
+        self.checks = Counter(
+            "mail_selfcheck_checks", "Finished checks by outcome and error class.", (*_LABELS, "outcome", "error_class"),
+            registry=registry,
+        )
+        self.last_success = Gauge(
+            "mail_selfcheck_last_success_timestamp_seconds", "Unix time of the last successful check.", _LABELS,
+            registry=registry,
+        )
+        self.consecutive_failures = Gauge(
+            "mail_selfcheck_consecutive_failures", "Failed checks since the last success.", _LABELS, registry=registry
+        )
+        self._outcomes: dict[tuple[str, str], set[tuple[str, str]]] = {}
+
+    def restore(self, namespace: str, name: str, *, success: bool | None, consecutive_failures: int,
+                last_success: float | None) -> None:
+        """Re-publish the gauges from a resource's persisted status (after an operator restart)."""
+        if success is not None:
+            self.success.labels(namespace, name).set(1 if success else 0)
+        self.consecutive_failures.labels(namespace, name).set(consecutive_failures)
+        if last_success is not None:
+            self.last_success.labels(namespace, name).set(last_success)
+
+    def observe(self, namespace: str, name: str, *, success: bool, error_class: str | None,
+                send_time: float | None, reception_time: float | None, consecutive_failures: int,
+                timestamp: float) -> None:
+        """Record one finished check (times in seconds, ``timestamp`` Unix seconds)."""
+        self.success.labels(namespace, name).set(1 if success else 0)
+        if send_time is not None:
+            self.last_send.labels(namespace, name).set(send_time)
+            self.send.labels(namespace, name).observe(send_time)
+        if reception_time is not None:
+            self.last_reception.labels(namespace, name).set(reception_time)
+            self.reception.labels(namespace, name).observe(reception_time)
+        outcome = ("success", "") if success else ("failure", error_class or "unknown")
+        self.checks.labels(namespace, name, *outcome).inc()
+        self._outcomes.setdefault((namespace, name), set()).add(outcome)
+        if success:
+            self.last_success.labels(namespace, name).set(timestamp)
+        self.consecutive_failures.labels(namespace, name).set(consecutive_failures)
+
+    def forget(self, namespace: str, name: str) -> None:
+        """Remove every series of the resource ``namespace/name``."""
+        for metric in (self.success, self.last_send, self.last_reception, self.send, self.reception,
+                       self.last_success, self.consecutive_failures):
+            try:
+                metric.remove(namespace, name)
+            except KeyError:
+                pass
+        for outcome in self._outcomes.pop((namespace, name), set()):
+            try:
+                self.checks.remove(namespace, name, *outcome)
+            except KeyError:
+                pass
+
+
+def serve(port: int, registry: CollectorRegistry = REGISTRY) -> None:
+    """Serve ``/metrics`` on ``0.0.0.0:port`` in a background thread."""
+    start_http_server(port, registry=registry)

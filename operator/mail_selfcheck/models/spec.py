@@ -1,0 +1,442 @@
+"""The ``MailSelfcheck`` custom resource: spec and status models, and the CRD generated from them.
+
+These pydantic models are the single source of truth: :func:`crd_manifest` derives the
+CRD's structural OpenAPI v3 schema from them (``crds/mailselfchecks.yaml`` is its output,
+checked by ``tests/unit/test_spec.py``), and the controller parses every resource with
+:meth:`MailSelfcheckSpec.model_validate`, so the API server and the controller agree.
+
+Cross-field rules are Kubernetes CEL validation rules (``x-kubernetes-validations`` with a
+human ``message``), see
+https://kubernetes.io/docs/tasks/extend-kubernetes/custom-resources/custom-resource-definitions/#validation-rules;
+the same rules are re-checked by pydantic validators so a model built in Python cannot hold
+what the API server would reject.
+
+All durations are seconds. Secret values (passwords, the probe secret, the webhook URL,
+which carries a token) appear only as references to Secret keys; the operator passes them
+to the Job with ``env[].valueFrom.secretKeyRef`` and never reads them.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+from .common import ADDRESS_PATTERN, DEFAULT_INTERVAL, DEFAULT_TIMEOUT, ImapSecurity, SmtpSecurity
+
+GROUP = "selfcheck.mail-selfcheck.dev"
+VERSION = "v1alpha1"
+KIND = "MailSelfcheck"
+PLURAL = "mailselfchecks"
+SINGULAR = "mailselfcheck"
+SHORT_NAMES = ["msc", "selfcheck"]
+API_VERSION = f"{GROUP}/{VERSION}"
+
+#: Smallest accepted ``interval`` (seconds).
+MIN_INTERVAL = 10
+#: Number of results kept in ``status.history``.
+STATUS_HISTORY_LIMIT = 10
+
+_ADDRESS = re.compile(ADDRESS_PATTERN)
+_ADDRESS_MESSAGE = "must be a mail address like user@example.com"
+
+
+def _address_rule() -> dict[str, Any]:
+    # CEL raw string: the pattern holds quotes and backslashes but no double quote.
+    assert '"' not in ADDRESS_PATTERN
+    return {"rule": f'self.matches(r"{ADDRESS_PATTERN}")', "message": _ADDRESS_MESSAGE}
+
+
+Address = Annotated[
+    str,
+    Field(min_length=3, max_length=254, json_schema_extra={"x-kubernetes-validations": [_address_rule()]}),
+]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Quantity = Annotated[int | str, WithJsonSchema({"x-kubernetes-int-or-string": True})]
+DNS_NAME = Annotated[str, Field(min_length=1, max_length=253)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+
+class SecretKeyRef(_Model):
+    """A key of a Secret in the resource's namespace (``core/v1 SecretKeySelector``)."""
+
+    name: DNS_NAME = Field(description="Name of the Secret, in the MailSelfcheck's namespace.")
+    key: str = Field(min_length=1, max_length=253, description="Key within the Secret.")
+
+
+class ConfigMapKeyRef(_Model):
+    """A key of a ConfigMap in the resource's namespace (``core/v1 ConfigMapKeySelector``)."""
+
+    name: DNS_NAME = Field(description="Name of the ConfigMap, in the MailSelfcheck's namespace.")
+    key: str = Field(min_length=1, max_length=253, description="Key within the ConfigMap.")
+
+
+class CaBundleRef(_Model):
+    """PEM CA certificates to verify the servers with, from exactly one ConfigMap or Secret key."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.configMapKeyRef) != has(self.secretKeyRef)",
+                    "message": "set exactly one of configMapKeyRef or secretKeyRef",
+                }
+            ]
+        }
+    )
+
+    config_map_key_ref: ConfigMapKeyRef | None = None
+    secret_key_ref: SecretKeyRef | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "CaBundleRef":
+        if (self.config_map_key_ref is None) == (self.secret_key_ref is None):
+            raise ValueError("set exactly one of configMapKeyRef or secretKeyRef")
+        return self
+
+
+class SmtpEndpoint(_Model):
+    """Where and how the probe submits its message (RFC 6409 submission)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.security == 'plain' || has(self.passwordSecretRef)",
+                    "message": "passwordSecretRef is required unless security is plain (SMTP AUTH needs TLS)",
+                }
+            ]
+        }
+    )
+
+    host: DNS_NAME = Field(description="Submission server host name or IP address.")
+    port: Port | None = Field(None, description="Default: 587 for starttls and plain, 465 for tls.")
+    security: SmtpSecurity = Field("starttls", description="starttls (RFC 3207), tls (implicit, RFC 8314) or plain.")
+    username: str | None = Field(None, max_length=254, description="AUTH user name. Default: the from address.")
+    password_secret_ref: SecretKeyRef | None = Field(None, description="Secret key holding the SMTP AUTH password.")
+
+    @model_validator(mode="after")
+    def _password(self) -> "SmtpEndpoint":
+        if self.security != "plain" and self.password_secret_ref is None:
+            raise ValueError("passwordSecretRef is required unless security is plain (SMTP AUTH needs TLS)")
+        return self
+
+
+class ImapEndpoint(_Model):
+    """Where and how the probe waits for its message (RFC 9051 / RFC 3501 IMAP)."""
+
+    host: DNS_NAME = Field(description="IMAP server host name or IP address.")
+    port: Port | None = Field(None, description="Default: 993 for tls, 143 for starttls and plain.")
+    security: ImapSecurity = Field("tls", description="tls (implicit, RFC 8314), starttls or plain.")
+    username: str | None = Field(None, max_length=254, description="LOGIN user name. Default: the to address.")
+    password_secret_ref: SecretKeyRef = Field(description="Secret key holding the IMAP password.")
+    folder: str = Field("INBOX", min_length=1, max_length=255, description="Folder the message is expected in.")
+
+
+class TlsSettings(_Model):
+    """Server certificate verification, shared by SMTP and IMAP."""
+
+    ca_bundle: CaBundleRef | None = Field(None, description="PEM CA bundle. Default: the image's system CAs.")
+    insecure_skip_verify: bool = Field(False, description="Do not verify server certificates (lab use only).")
+
+
+class ResourceRequirements(_Model):
+    """Container compute resources (``core/v1 ResourceRequirements``), e.g. ``{cpu: 100m}``."""
+
+    requests: dict[str, Quantity] | None = None
+    limits: dict[str, Quantity] | None = None
+
+
+class Toleration(_Model):
+    """A pod toleration (``core/v1 Toleration``)."""
+
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class JobSettings(_Model):
+    """Settings of the probe Job's pod."""
+
+    image: str | None = Field(
+        None, min_length=1, description="Probe image. Default: the operator's MAIL_SELFCHECK_PROBE_IMAGE."
+    )
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    command: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="Container command. Default: mail-selfcheck run --json --result-file /dev/termination-log. "
+        "It must write the result JSON to /dev/termination-log.",
+    )
+    resources: ResourceRequirements | None = None
+    node_selector: dict[str, str] | None = None
+    tolerations: list[Toleration] | None = None
+    service_account_name: str | None = Field(None, description="Default: the namespace's default (token not mounted).")
+
+
+class MailSelfcheckSpec(_Model):
+    """``spec`` of a MailSelfcheck: one end-to-end probe, run every ``interval`` seconds."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "self.timeout < self.interval", "message": "timeout must be smaller than interval"}
+            ]
+        }
+    )
+
+    from_address: Address = Field(alias="from", description="Sender address (header From and envelope sender).")
+    to_address: Address = Field(alias="to", description="Recipient address whose mailbox is watched.")
+    smtp: SmtpEndpoint
+    imap: ImapEndpoint
+    secret_ref: SecretKeyRef = Field(description="Secret key holding the secret string carried in the probe message.")
+    webhook_url_secret_ref: SecretKeyRef | None = Field(
+        None, description="Secret key holding the heartbeat URL POSTed after each successful check."
+    )
+    tls: TlsSettings | None = None
+    interval: int = Field(
+        int(DEFAULT_INTERVAL), ge=MIN_INTERVAL, le=7 * 86400, description="Seconds between two checks (>= 10)."
+    )
+    timeout: float = Field(
+        DEFAULT_TIMEOUT, gt=0, description="Seconds one check may take, reception included (< interval)."
+    )
+    suspend: bool = Field(False, description="Stop scheduling new checks (a running one finishes).")
+    successful_jobs_history_limit: int = Field(3, ge=0, le=100, description="Finished successful Jobs kept.")
+    failed_jobs_history_limit: int = Field(1, ge=0, le=100, description="Finished failed Jobs kept.")
+    job: JobSettings | None = None
+
+    @field_validator("from_address", "to_address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        if not _ADDRESS.match(value):
+            raise ValueError(_ADDRESS_MESSAGE)
+        return value
+
+    @model_validator(mode="after")
+    def _timeout_below_interval(self) -> "MailSelfcheckSpec":
+        if not self.timeout < self.interval:
+            raise ValueError("timeout must be smaller than interval")
+        return self
+
+
+class JobReference(_Model):
+    """The Job running the current check."""
+
+    name: str
+    uid: str | None = None
+    schedule_time: str | None = Field(None, description="RFC 3339 time of the slot the Job runs for.")
+
+
+class HistoryEntry(_Model):
+    """One finished check, newest first in ``status.history``."""
+
+    job: str
+    schedule_time: str | None = None
+    completion_time: str | None = None
+    success: bool
+    error: str | None = None
+    error_class: str | None = None
+    send_time: float | None = None
+    reception_time: float | None = None
+
+
+class Condition(_Model):
+    """``metav1.Condition`` (https://kubernetes.io/docs/reference/kubernetes-api/common-definitions/object-meta/ ,
+    KEP-1623): ``Ready`` is True after a successful check, False after a failed one."""
+
+    type: str = Field(max_length=316)
+    status: Literal["True", "False", "Unknown"]
+    observed_generation: int | None = Field(None, ge=0)
+    last_transition_time: str
+    reason: str = Field(max_length=1024)
+    message: str = Field("", max_length=32768)
+
+
+class MailSelfcheckStatus(_Model):
+    """``status`` of a MailSelfcheck, written only by the operator (status subresource).
+
+    Times ``*Time`` ending in ``Time`` and holding a date are RFC 3339 UTC strings;
+    ``sendTime`` and ``receptionTime`` are seconds (float) of the last check.
+    """
+
+    last_schedule_time: str | None = Field(None, description="Slot time of the last launched check.")
+    last_completion_time: str | None = Field(None, description="When the last check's result was recorded.")
+    last_success_time: str | None = None
+    success: bool | None = Field(None, description="Whether the last finished check succeeded.")
+    error: str | None = Field(None, description="Error of the last check, null on success.")
+    error_class: str | None = None
+    send_time: float | None = Field(None, description="Seconds from SMTP connect to the final 250 reply.")
+    reception_time: float | None = Field(None, description="Seconds from the 250 reply to the message seen in IMAP.")
+    consecutive_failures: int = 0
+    active: JobReference | None = Field(None, description="The running Job, if any.")
+    last_harvested_job: str | None = Field(None, description="Name of the last Job whose result was recorded.")
+    history: list[HistoryEntry] | None = Field(None, max_length=STATUS_HISTORY_LIMIT)
+    conditions: list[Condition] | None = None
+    observed_generation: int | None = None
+
+
+# --------------------------------------------------------------------------------------
+# CRD generation
+# --------------------------------------------------------------------------------------
+
+_KEEP = {
+    "type",
+    "description",
+    "properties",
+    "required",
+    "items",
+    "additionalProperties",
+    "enum",
+    "default",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "minLength",
+    "maxLength",
+    "minItems",
+    "maxItems",
+    "pattern",
+    "format",
+    "x-kubernetes-validations",
+    "x-kubernetes-int-or-string",
+    "x-kubernetes-preserve-unknown-fields",
+}
+
+
+def _structural(node: Any, defs: dict[str, Any]) -> Any:
+    """Turn pydantic's JSON Schema (draft 2020-12) into a Kubernetes structural schema.
+
+    Inlines ``$ref``, collapses ``anyOf [X, null]`` into ``X``, rewrites numeric
+    ``exclusiveMinimum`` into the OpenAPI v3.0 boolean form, drops titles and ``null``
+    defaults, and removes ``additionalProperties: false`` (unknown fields are pruned).
+    """
+    if not isinstance(node, dict):
+        return node
+    node = dict(node)
+    if "$ref" in node:
+        target = copy.deepcopy(defs[node.pop("$ref").split("/")[-1]])
+        target.update(node)
+        node = target
+    if "anyOf" in node:
+        options = [o for o in node.pop("anyOf") if o.get("type") != "null"]
+        if len(options) != 1:
+            raise ValueError(f"cannot express anyOf {options} in a structural schema")
+        merged = _structural(options[0], defs)
+        merged.update({k: v for k, v in node.items() if k != "default" or v is not None})
+        node = merged
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key not in _KEEP:
+            continue
+        if key == "default" and value is None:
+            continue
+        if key == "description":
+            value = " ".join(value.replace("``", "").split())
+        if key == "properties":
+            out[key] = {name: _structural(sub, defs) for name, sub in value.items()}
+        elif key in ("items",):
+            out[key] = _structural(value, defs)
+        elif key == "additionalProperties":
+            if isinstance(value, dict):
+                out[key] = _structural(value, defs)
+        elif key in ("exclusiveMinimum", "exclusiveMaximum") and not isinstance(value, bool):
+            out["minimum" if key == "exclusiveMinimum" else "maximum"] = value
+            out[key] = True
+        else:
+            out[key] = value
+    if "properties" in out:
+        out["type"] = "object"
+        out.pop("additionalProperties", None)
+    if out.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+    return out
+
+
+def openapi_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """Structural OpenAPI v3 schema of ``model`` (by alias, i.e. camelCase field names)."""
+    raw = model.model_json_schema(by_alias=True, mode="validation")
+    defs = raw.pop("$defs", {})
+    return _structural(raw, defs)
+
+
+def _printer_columns() -> list[dict[str, Any]]:
+    return [
+        {"name": "Success", "type": "boolean", "jsonPath": ".status.success", "description": "Last check succeeded"},
+        {"name": "Send", "type": "number", "jsonPath": ".status.sendTime", "description": "Seconds to submit (SMTP)"},
+        {
+            "name": "Reception",
+            "type": "number",
+            "jsonPath": ".status.receptionTime",
+            "description": "Seconds until the message was seen over IMAP",
+        },
+        {"name": "Failures", "type": "integer", "jsonPath": ".status.consecutiveFailures"},
+        {"name": "Last Check", "type": "date", "jsonPath": ".status.lastCompletionTime"},
+        {"name": "Interval", "type": "integer", "jsonPath": ".spec.interval", "priority": 1},
+        {"name": "Active", "type": "string", "jsonPath": ".status.active.name", "priority": 1},
+        {"name": "Error", "type": "string", "jsonPath": ".status.error", "priority": 1},
+        {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    ]
+
+
+def crd_manifest() -> dict[str, Any]:
+    """The ``apiextensions.k8s.io/v1`` CustomResourceDefinition of MailSelfcheck, as a dict."""
+    spec_schema = openapi_schema(MailSelfcheckSpec)
+    status_schema = openapi_schema(MailSelfcheckStatus)
+    status_schema["description"] = "Written by the operator; see the status subresource."
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{PLURAL}.{GROUP}", "labels": {"app.kubernetes.io/name": "mail-selfcheck"}},
+        "spec": {
+            "group": GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": KIND,
+                "listKind": f"{KIND}List",
+                "plural": PLURAL,
+                "singular": SINGULAR,
+                "shortNames": SHORT_NAMES,
+                "categories": ["all"],
+            },
+            "versions": [
+                {
+                    "name": VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": _printer_columns(),
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": "An end-to-end mail delivery check (SMTP submission to IMAP mailbox) run "
+                            "as a Job every spec.interval seconds.",
+                            "required": ["spec"],
+                            "properties": {
+                                "apiVersion": {"type": "string"},
+                                "kind": {"type": "string"},
+                                "metadata": {"type": "object"},
+                                "spec": spec_schema,
+                                "status": status_schema,
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+def crd_yaml() -> str:
+    """:func:`crd_manifest` as YAML (what ``mail-selfcheck crd`` prints and ``crds/`` holds)."""
+    header = "# Generated by `mail-selfcheck crd` from mail_selfcheck/models/spec.py. Do not edit.\n"
+    return header + yaml.safe_dump(crd_manifest(), sort_keys=False, width=120)

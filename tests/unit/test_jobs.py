@@ -1,0 +1,129 @@
+"""The probe Job manifest, reading its outcome, and history limits (pure functions)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+from mail_selfcheck.controller.jobs import (
+    JOB_FAILED,
+    Outcome,
+    job_manifest,
+    jobs_to_delete,
+    outcome_from,
+    parse_result,
+)
+from mail_selfcheck.models.settings import ProbeSettings
+from mail_selfcheck.models.spec import MailSelfcheckSpec
+
+SLOT = dt.datetime(2025, 1, 1, 12, 0, tzinfo=dt.timezone.utc)
+SPEC = {
+    "from": "sender@example.com",
+    "to": "receiver@example.com",
+    "smtp": {"host": "smtp.example.com", "port": 2587, "passwordSecretRef": {"name": "mail", "key": "smtp"}},
+    "imap": {"host": "imap.example.com", "passwordSecretRef": {"name": "mail", "key": "imap"}},
+    "secretRef": {"name": "mail", "key": "secret"},
+    "webhookUrlSecretRef": {"name": "hook", "key": "url"},
+    "tls": {"caBundle": {"configMapKeyRef": {"name": "ca", "key": "ca.crt"}}},
+    "interval": 20,
+    "timeout": 8,
+    "job": {"image": "example/probe:1", "nodeSelector": {"a": "b"}, "resources": {"limits": {"memory": "64Mi"}}},
+}
+
+
+def manifest(**over):
+    spec = MailSelfcheckSpec.model_validate({**SPEC, **over})
+    return job_manifest(name="demo-1", namespace="ns", owner_name="demo", owner_uid="uid-1", spec=spec, slot=SLOT)
+
+
+def test_job_spec_follows_cronjob_conventions():
+    job = manifest()
+    spec, pod = job["spec"], job["spec"]["template"]["spec"]
+    assert job["metadata"]["ownerReferences"][0] == {
+        "apiVersion": "selfcheck.mail-selfcheck.dev/v1alpha1", "kind": "MailSelfcheck", "name": "demo",
+        "uid": "uid-1", "controller": True, "blockOwnerDeletion": True,
+    }
+    assert pod["restartPolicy"] == "Never" and spec["backoffLimit"] <= 2
+    assert 8 < spec["activeDeadlineSeconds"] <= 8 + 30
+    assert spec["ttlSecondsAfterFinished"] >= 3600
+    container = pod["containers"][0]
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert container["command"] == ["mail-selfcheck", "run", "--json", "--result-file", "/dev/termination-log"]
+    assert container["image"] == "example/probe:1" and container["resources"] == {"limits": {"memory": "64Mi"}}
+    assert pod["nodeSelector"] == {"a": "b"}
+
+
+def test_pod_is_locked_down():
+    pod = manifest()["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    sc = pod["containers"][0]["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+
+
+def test_secrets_are_references_only():
+    env = {e["name"]: e for e in manifest()["spec"]["template"]["spec"]["containers"][0]["env"]}
+    for name, (secret, key) in {
+        "MESSAGES_SELFCHECK_SECRET": ("mail", "secret"),
+        "MESSAGES_SELFCHECK_SMTP_PASSWORD": ("mail", "smtp"),
+        "MESSAGES_SELFCHECK_IMAP_PASSWORD": ("mail", "imap"),
+        "MESSAGES_SELFCHECK_WEBHOOK_URL": ("hook", "url"),
+    }.items():
+        assert env[name] == {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+    assert env["MESSAGES_SELFCHECK_TLS_CA_PEM"]["valueFrom"]["configMapKeyRef"] == {"name": "ca", "key": "ca.crt"}
+    assert env["MESSAGES_SELFCHECK_SMTP_PORT"]["value"] == "2587"
+
+
+def test_env_names_are_the_probe_settings():
+    """Every variable the Job sets is one the probe reads (one vocabulary)."""
+    env = manifest()["spec"]["template"]["spec"]["containers"][0]["env"]
+    known = {f"MESSAGES_SELFCHECK_{name.upper()}" for name in ProbeSettings.model_fields} | {
+        "MESSAGES_SELFCHECK_FROM", "MESSAGES_SELFCHECK_TO"}
+    assert {e["name"] for e in env} <= known
+
+
+def _job(conditions, name="demo-1", created="2025-01-01T12:00:00Z"):
+    return {"metadata": {"name": name, "creationTimestamp": created},
+            "status": {"conditions": [{"type": t, "status": "True", **extra} for t, extra in conditions]}}
+
+
+def _pod(message, exit_code=0, reason="Completed", created="2025-01-01T12:00:01Z"):
+    return {"metadata": {"creationTimestamp": created}, "status": {"containerStatuses": [{
+        "name": "probe", "state": {"terminated": {"exitCode": exit_code, "reason": reason, "message": message}}}]}}
+
+
+RESULT = {"success": True, "error": None, "send_time": 0.21, "reception_time": 1.5}
+
+
+def test_outcome_from_termination_message():
+    out = outcome_from(_job([("Complete", {})]), [_pod(json.dumps(RESULT))])
+    assert out == Outcome(success=True, send_time=0.21, reception_time=1.5)
+    failed = {"success": False, "error": "SMTP 535 authentication failed", "error_class": "smtp_rejected"}
+    out = outcome_from(_job([("Complete", {})]), [_pod(json.dumps(failed))])
+    assert (out.success, out.error, out.error_class) == (False, "SMTP 535 authentication failed", "smtp_rejected")
+
+
+def test_result_found_in_log_fallback():
+    assert parse_result("starting\n" + json.dumps(RESULT)).success is True
+    assert parse_result("garbage") is None
+
+
+def test_failed_job_without_result_says_why():
+    job = _job([("Failed", {"reason": "DeadlineExceeded", "message": "Job was active longer than specified deadline"})])
+    out = outcome_from(job, [])
+    assert not out.success and out.error_class == JOB_FAILED
+    assert "DeadlineExceeded" in out.error and "demo-1" in out.error
+    out = outcome_from(_job([("Failed", {"reason": "BackoffLimitExceeded"})]), [_pod("", 137, "OOMKilled")])
+    assert "OOMKilled" in out.error and "137" in out.error
+    waiting = {"metadata": {}, "status": {"containerStatuses": [
+        {"name": "probe", "state": {"waiting": {"reason": "ImagePullBackOff", "message": "pull failed"}}}]}}
+    assert "ImagePullBackOff" in outcome_from(_job([("Failed", {"reason": "DeadlineExceeded"})]), [waiting]).error
+
+
+def test_history_limits():
+    jobs = [_job([("Complete", {})], name=f"j{i}", created=f"2025-01-01T12:00:{i:02d}Z") for i in range(6)]
+    jobs.append({"metadata": {"name": "running", "creationTimestamp": "2025-01-01T12:01:00Z"}, "status": {}})
+    results = {"j0": True, "j1": False, "j2": True, "j3": False, "j4": True, "j5": True}
+    doomed = jobs_to_delete(jobs, results=results, successful_limit=2, failed_limit=1, keep=set())
+    assert sorted(doomed) == ["j0", "j1", "j2"]
+    assert "running" not in jobs_to_delete(jobs, results={}, successful_limit=0, failed_limit=0, keep=set())

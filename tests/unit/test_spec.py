@@ -1,0 +1,116 @@
+"""The MailSelfcheck models and the CRD generated from them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from mail_selfcheck.models.spec import (
+    GROUP,
+    MailSelfcheckSpec,
+    MailSelfcheckStatus,
+    crd_manifest,
+    crd_yaml,
+    openapi_schema,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+
+VALID = {
+    "from": "sender@example.com",
+    "to": "receiver@example.com",
+    "smtp": {"host": "smtp.example.com", "passwordSecretRef": {"name": "mail", "key": "smtp"}},
+    "imap": {"host": "imap.example.com", "passwordSecretRef": {"name": "mail", "key": "imap"}},
+    "secretRef": {"name": "mail", "key": "secret"},
+}
+
+
+def test_crd_file_is_generated_from_the_models():
+    assert (REPO / "crds" / "mailselfchecks.yaml").read_text() == crd_yaml(), "run: mail-selfcheck crd > crds/mailselfchecks.yaml"
+
+
+def test_crd_shape():
+    crd = crd_manifest()
+    assert crd["metadata"]["name"] == f"mailselfchecks.{GROUP}"
+    version = crd["spec"]["versions"][0]
+    assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
+    assert crd["spec"]["names"]["shortNames"]
+    columns = {c["name"]: c for c in version["additionalPrinterColumns"]}
+    assert {"Success", "Send", "Reception", "Last Check", "Error"} <= set(columns)
+    assert columns["Error"]["priority"] == 1  # -o wide only
+
+
+def _walk(node):
+    yield node
+    if isinstance(node, dict):
+        for value in node.values():
+            yield from _walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _walk(value)
+
+
+def test_schema_is_structural():
+    schema = crd_manifest()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    for node in _walk(schema):
+        if isinstance(node, dict) and ("properties" in node or "items" in node):
+            assert not {"$ref", "anyOf", "allOf", "oneOf", "title"} & set(node), node
+            assert "type" in node
+
+
+def test_schema_rules():
+    spec = openapi_schema(MailSelfcheckSpec)
+    props = spec["properties"]
+    assert props["interval"]["minimum"] == 10 and props["interval"]["default"] == 600
+    assert props["timeout"]["default"] == 60 and props["timeout"]["exclusiveMinimum"] is True
+    assert props["smtp"]["properties"]["security"]["enum"] == ["starttls", "tls", "plain"]
+    assert props["imap"]["properties"]["security"]["enum"] == ["tls", "starttls", "plain"]
+    assert "secretRef" in spec["required"] and "passwordSecretRef" in props["imap"]["required"]
+    rules = [r["message"] for r in spec["x-kubernetes-validations"]]
+    assert "timeout must be smaller than interval" in rules
+    assert props["from"]["x-kubernetes-validations"][0]["message"].startswith("must be a mail address")
+    quantity = props["job"]["properties"]["resources"]["properties"]["limits"]["additionalProperties"]
+    assert quantity == {"x-kubernetes-int-or-string": True}
+
+
+def test_status_schema_has_the_documented_fields():
+    props = openapi_schema(MailSelfcheckStatus)["properties"]
+    for name in ("lastScheduleTime", "lastCompletionTime", "lastSuccessTime", "success", "error", "sendTime",
+                 "receptionTime", "consecutiveFailures", "active", "history", "conditions"):
+        assert name in props
+    assert "observedGeneration" in props["conditions"]["items"]["properties"]
+
+
+def test_valid_spec_defaults():
+    spec = MailSelfcheckSpec.model_validate(VALID)
+    assert (spec.interval, spec.timeout, spec.suspend) == (600, 60, False)
+    assert spec.smtp.security == "starttls" and spec.imap.security == "tls" and spec.imap.folder == "INBOX"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"from": "not-an-address"}, "must be a mail address"),
+        ({"interval": 0}, "greater than or equal to 10"),
+        ({"interval": 20, "timeout": 20}, "timeout must be smaller than interval"),
+        ({"smtp": {"host": "h", "security": "ssl", "passwordSecretRef": {"name": "a", "key": "b"}}}, "starttls"),
+        ({"smtp": {"host": "h"}}, "passwordSecretRef is required"),
+    ],
+)
+def test_invalid_specs_are_refused_like_the_api_server_does(change, message):
+    with pytest.raises(ValidationError, match=message):
+        MailSelfcheckSpec.model_validate({**VALID, **change})
+
+
+def test_missing_secret_ref():
+    data = dict(VALID)
+    del data["secretRef"]
+    with pytest.raises(ValidationError, match="secretRef"):
+        MailSelfcheckSpec.model_validate(data)
+
+
+def test_yaml_round_trip():
+    assert yaml.safe_load(crd_yaml()) == crd_manifest()
