@@ -50,6 +50,9 @@ class ProbeResult(BaseModel):
     reception_time: float | None = Field(
         default=None, description="Seconds from the final 250 reply to the message being seen over IMAP."
     )
+    sent_at: float | None = Field(
+        default=None, description="Wall-clock time of the final 250 reply, Unix epoch seconds."
+    )
     error_class: ErrorClass | None = None
     message_id: str | None = Field(default=None, description="Message-ID of the probe message (RFC 5322 3.6.4).")
     folder: str | None = Field(default=None, description="IMAP folder the message was found in.")

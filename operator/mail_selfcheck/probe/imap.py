@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
-import imapclient
+from imapclient.imapclient import JUNK, TRASH
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError, LoginError
 
@@ -128,7 +128,7 @@ class Mailbox:
                 f"{self.server}: {_text(exc)}",
             ) from exc
         try:
-            junk = client.find_special_folder(imapclient.JUNK)
+            junk = client.find_special_folder(JUNK)
         except (IMAPClientError, OSError):
             junk = None
         if junk and junk != self.folder:
@@ -302,7 +302,7 @@ class Mailbox:
             client.delete_messages(uids)
             client.uid_expunge(uids)
             return len(uids), None
-        trash = client.find_special_folder(imapclient.TRASH)
+        trash = client.find_special_folder(TRASH)
         if client.has_capability("MOVE") and trash and trash != folder:
             client.move(uids, trash)
             return len(uids), None

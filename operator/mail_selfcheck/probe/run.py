@@ -59,7 +59,7 @@ def run_probe(settings: ProbeSettings) -> ProbeResult:
         message = build_message(settings.from_address, settings.to_address, token, nonce)
         fields["message_id"] = message.message_id
         sent = smtp.send(settings, message, deadline)
-        fields.update(send_time=round(sent.send_time, 6), smtp_reply=sent.reply)
+        fields.update(send_time=round(sent.send_time, 6), smtp_reply=sent.reply, sent_at=sent.sent_at_epoch)
         log.debug("message_sent", send_time=sent.send_time, attempts=sent.attempts, reply=sent.reply, nonce=nonce[:8])
         found = mailbox.wait_for(nonce, deadline)
         fields["folder"] = found.folder

@@ -26,12 +26,14 @@ from .tls import client_context
 class SendOutcome:
     """``send_time``: seconds from opening the first connection to the final 250 reply to
     DATA (TLS handshake, AUTH and any 4xx retries included); ``reply``: that final reply;
-    ``attempts``: number of transactions tried; ``sent_at``: ``time.monotonic()`` of the 250."""
+    ``attempts``: number of transactions tried; ``sent_at``: ``time.monotonic()`` of the 250;
+    ``sent_at_epoch``: the same moment as Unix epoch seconds."""
 
     send_time: float
     reply: str
     attempts: int
     sent_at: float
+    sent_at_epoch: float
 
 
 class _Deferred(Exception):
@@ -161,8 +163,8 @@ def send(settings: ProbeSettings, message: SentMessage, deadline: float) -> Send
             f"SMTP server {_server(settings)} deferred the message ({attempts} attempts) until the time budget ran out: {reply}",
             smtp_reply=reply,
         ) from None
-    sent_at = time.monotonic()
-    return SendOutcome(send_time=sent_at - started, reply=reply, attempts=attempts, sent_at=sent_at)
+    sent_at, sent_at_epoch = time.monotonic(), time.time()
+    return SendOutcome(send_time=sent_at - started, reply=reply, attempts=attempts, sent_at=sent_at, sent_at_epoch=sent_at_epoch)
 
 
 __all__ = ["SendOutcome", "send"]

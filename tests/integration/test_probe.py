@@ -1,0 +1,314 @@
+"""The probe against the real Postfix + Dovecot stack (tests/harness/mailstack.py).
+
+Every test runs a real selfcheck: SMTP submission through Postfix, LMTP delivery by
+Dovecot, IMAP detection, integrity check and cleanup. Each test uses its own secret so
+leftover sweeping of one test never touches another's messages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from imapclient import IMAPClient
+
+from mail_selfcheck.models.result import ProbeResult
+from mail_selfcheck.models.settings import ProbeSettings
+from mail_selfcheck.probe.main import run_once
+from mail_selfcheck.probe.message import build_message, make_token
+from mail_selfcheck.probe.report import configure_logging
+from mail_selfcheck.probe.tls import client_context
+
+pytestmark = pytest.mark.integration
+
+CLI = str(Path(sys.executable).with_name("mail-selfcheck"))
+
+
+@pytest.fixture
+def stack(clean_mail_stack):
+    """The session's mail stack, reset to a clean state for this test."""
+    return clean_mail_stack
+
+
+def _env(stack, **kw) -> dict[str, str]:
+    env = stack.probe_env(**{k: v for k, v in kw.items() if not k.isupper()})
+    env.update({k: v for k, v in kw.items() if k.isupper()})
+    env["MESSAGES_SELFCHECK_SECRET"] = "it-" + secrets.token_hex(6)
+    return env
+
+
+def _settings(monkeypatch, env: dict[str, str]) -> ProbeSettings:
+    for key in list(os.environ):
+        if key.startswith("MESSAGES_SELFCHECK_"):
+            monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return ProbeSettings()
+
+
+def _run(monkeypatch, env: dict[str, str]) -> ProbeResult:
+    configure_logging()
+    return run_once(_settings(monkeypatch, env))
+
+
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("MESSAGES_SELFCHECK_")}
+    full.update(env)
+    return subprocess.run([CLI, "run", *args], env=full, capture_output=True, text=True, timeout=120)
+
+
+def _assert_no_probe_mail(stack, user: str) -> None:
+    for folder in ("INBOX", "Junk"):
+        assert stack.messages(user, folder) == [], f"probe message left in {user}/{folder}"
+
+
+def _assert_no_secrets(text: str, env: dict[str, str]) -> None:
+    for key in ("MESSAGES_SELFCHECK_SECRET", "MESSAGES_SELFCHECK_SMTP_PASSWORD", "MESSAGES_SELFCHECK_IMAP_PASSWORD",
+                "MESSAGES_SELFCHECK_WEBHOOK_URL"):
+        value = env.get(key)
+        if value:
+            assert value not in text, f"{key} leaked"
+
+
+# -- success --------------------------------------------------------------------------------
+
+
+def test_success_end_to_end_via_cli(stack, tmp_path) -> None:
+    env = _env(stack)
+    result_file = tmp_path / "termination-log"
+    proc = _cli(env, "--json", "--verbose", "--result-file", str(result_file))
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["success"] is True and result["error"] is None, result
+    assert 0 < result["send_time"] < 30 and 0 <= result["reception_time"] < 30
+    assert json.loads(result_file.read_text()) == result
+    completed = [line for line in proc.stderr.splitlines() if "selfcheck_completed" in line]
+    assert len(completed) == 1 and " INFO selfcheck_completed success=true send_time=" in completed[0]
+    _assert_no_secrets(proc.stdout + proc.stderr, env)
+    _assert_no_probe_mail(stack, "receiver")
+
+
+@pytest.mark.parametrize(
+    ("smtp_security", "imap_security", "detection"),
+    [("tls", "starttls", "adaptive"), ("starttls", "tls", "idle"), ("starttls", "tls", "poll")],
+)
+def test_success_in_every_tls_mode_and_detection(stack, monkeypatch, smtp_security, imap_security, detection) -> None:
+    env = _env(stack, smtp_security=smtp_security, imap_security=imap_security,
+               MESSAGES_SELFCHECK_IMAP_DETECTION=detection)
+    result = _run(monkeypatch, env)
+    assert result.success, result.error
+    assert result.folder == "INBOX"
+    _assert_no_probe_mail(stack, "receiver")
+
+
+def test_plain_mode_is_an_explicit_lab_opt_in(stack, monkeypatch) -> None:
+    env = _env(stack, MESSAGES_SELFCHECK_SMTP_SECURITY="plain", MESSAGES_SELFCHECK_SMTP_PORT=str(stack.submission_notls_port),
+               MESSAGES_SELFCHECK_IMAP_SECURITY="plain", MESSAGES_SELFCHECK_IMAP_PORT=str(stack.imap_port))
+    result = _run(monkeypatch, env)
+    assert result.success, result.error
+
+
+# -- failures, each precise -------------------------------------------------------------------
+
+
+def test_wrong_password_for_from(stack, monkeypatch) -> None:
+    env = _env(stack, MESSAGES_SELFCHECK_SMTP_PASSWORD="wrong-password-1")
+    result = _run(monkeypatch, env)
+    assert not result.success and result.error_class == "mailbox_unavailable"
+    assert result.error.startswith("mailbox unavailable: sender@example.test cannot authenticate at SMTP server 127.0.0.1:")
+    assert "535" in result.error and "wrong-password-1" not in result.to_json()
+
+
+def test_wrong_password_for_to(stack, monkeypatch) -> None:
+    env = _env(stack, MESSAGES_SELFCHECK_IMAP_PASSWORD="wrong-password-2")
+    result = _run(monkeypatch, env)
+    assert not result.success and result.error_class == "mailbox_unavailable"
+    assert result.error.startswith("mailbox unavailable: receiver@example.test cannot log in at IMAP server 127.0.0.1:")
+    assert "AUTHENTICATIONFAILED" in result.error and result.send_time is None  # nothing was sent
+
+
+def test_smtp_server_down(stack, monkeypatch) -> None:
+    stack.stop_postfix()
+    result = _run(monkeypatch, _env(stack))
+    assert not result.success and result.error_class == "smtp_connect"
+    assert "unreachable" in result.error and "Connection refused" in result.error
+
+
+def test_imap_server_down(stack, monkeypatch) -> None:
+    stack.stop_dovecot()
+    result = _run(monkeypatch, _env(stack))
+    assert not result.success and result.error_class == "imap_connect"
+    assert result.error.startswith("mailbox unavailable: cannot reach IMAP server 127.0.0.1:")
+
+
+@pytest.mark.parametrize("smtp_security", ["starttls", "tls"])
+def test_tls_verification_fails_without_the_ca(stack, monkeypatch, smtp_security) -> None:
+    env = _env(stack, smtp_security=smtp_security, imap_security="plain", MESSAGES_SELFCHECK_TLS_CA_FILE="")
+    env["MESSAGES_SELFCHECK_IMAP_PORT"] = str(stack.imap_port)
+    result = _run(monkeypatch, env)
+    assert not result.success and result.error_class == "smtp_tls"
+    assert "certificate verify failed" in result.error
+
+
+def test_tls_ca_as_pem_text_verifies(stack, monkeypatch) -> None:
+    env = _env(stack, MESSAGES_SELFCHECK_TLS_CA_FILE="",
+               MESSAGES_SELFCHECK_TLS_CA_PEM=Path(stack.ca_file).read_text())
+    assert _run(monkeypatch, env).success
+
+
+def test_starttls_missing_means_no_auth_in_clear(stack, monkeypatch) -> None:
+    env = _env(stack, MESSAGES_SELFCHECK_SMTP_PORT=str(stack.submission_notls_port))
+    result = _run(monkeypatch, env)
+    assert not result.success and result.error_class == "smtp_tls"
+    assert "does not offer STARTTLS" in result.error
+
+
+def test_delivered_to_junk(stack, monkeypatch) -> None:
+    result = _run(monkeypatch, _env(stack, to_user="junked", MESSAGES_SELFCHECK_TIMEOUT="15"))
+    assert not result.success and result.error_class == "junk"
+    assert result.error.startswith("delivered to junk") and result.folder == "Junk"
+    _assert_no_probe_mail(stack, "junked")
+
+
+def test_reception_timeout(stack, monkeypatch) -> None:
+    result = _run(monkeypatch, _env(stack, to_user="held", MESSAGES_SELFCHECK_TIMEOUT="3"))
+    assert not result.success and result.error_class == "timeout"
+    assert result.error == "Message not received within 3 seconds"
+    assert result.send_time is not None and result.reception_time is None
+    assert 3 <= result.duration < 3 + 10
+
+
+def test_greylisting_4xx_is_retried_to_success(stack, monkeypatch) -> None:
+    result = _run(monkeypatch, _env(stack, to_user="greylisted", MESSAGES_SELFCHECK_TIMEOUT="20"))
+    assert result.success, result.error
+    assert result.send_time >= 1.0  # the first RCPT TO got 450, the retry came after the backoff
+    _assert_no_probe_mail(stack, "greylisted")
+
+
+def test_greylisting_past_the_budget_is_reported_deferred(stack, monkeypatch) -> None:
+    result = _run(monkeypatch, _env(stack, to_user="greylisted", MESSAGES_SELFCHECK_TIMEOUT="0.8"))
+    assert not result.success and result.error_class == "smtp_deferred"
+    assert "deferred" in result.error and "450" in result.error
+
+
+def test_integrity_failure_names_the_html_part(stack, monkeypatch) -> None:
+    result = _run(monkeypatch, _env(stack, to_user="tampered"))
+    assert not result.success and result.error_class == "integrity"
+    assert "HTML part" in result.error
+    _assert_no_probe_mail(stack, "tampered")
+
+
+# -- cleanup -------------------------------------------------------------------------------------
+
+
+def _append_old_probe_message(stack, env: dict[str, str], age: timedelta) -> None:
+    token, nonce = make_token(env["MESSAGES_SELFCHECK_SECRET"])
+    sent = build_message("sender@example.test", "receiver@example.test", token, nonce)
+    with IMAPClient("127.0.0.1", port=stack.imaps_port, ssl_context=client_context(
+            ProbeSettings(tls_ca_file=stack.ca_file))) as client:
+        client.login("receiver@example.test", stack.users["receiver"].password)
+        client.append("INBOX", sent.raw, msg_time=datetime.now(timezone.utc) - age)
+
+
+def test_leftovers_of_failed_runs_are_swept_but_recent_ones_kept(stack, monkeypatch) -> None:
+    env = _env(stack)
+    _append_old_probe_message(stack, env, timedelta(hours=2))
+    other = {**env, "MESSAGES_SELFCHECK_SECRET": "another-probe"}
+    _append_old_probe_message(stack, other, timedelta(hours=2))  # another probe's: not ours to delete
+    assert len(stack.messages("receiver")) == 2
+    assert _run(monkeypatch, env).success
+    remaining = stack.messages("receiver")
+    assert len(remaining) == 1 and b"another-probe/" in remaining[0].read_bytes()
+
+
+def test_other_mail_is_never_touched(stack, monkeypatch) -> None:
+    import smtplib
+
+    with smtplib.SMTP("127.0.0.1", stack.smtp_port) as smtp:
+        smtp.sendmail("someone@example.org", ["receiver@example.test"], b"Subject: hello\r\n\r\nkeep me\r\n")
+    stack.wait_messages("receiver", count=1)
+    assert _run(monkeypatch, _env(stack)).success
+    assert len(stack.messages("receiver")) == 1
+
+
+# -- webhook ---------------------------------------------------------------------------------------
+
+
+class _Hook(BaseHTTPRequestHandler):
+    behaviour = "ok"
+    requests: list = []
+
+    def do_POST(self):  # noqa: N802
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        type(self).requests.append((self.path, self.headers.get("Content-Type"), body))
+        if type(self).behaviour == "hang":
+            time.sleep(15)
+        self.send_response(500 if type(self).behaviour == "error" else 200)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def webhook():
+    _Hook.requests, _Hook.behaviour = [], "ok"
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server, f"http://127.0.0.1:{server.server_port}/ping/tok-{secrets.token_hex(4)}"
+    server.shutdown()
+
+
+def test_webhook_gets_exactly_the_documented_body_on_success(stack, webhook) -> None:
+    _, url = webhook
+    env = _env(stack, MESSAGES_SELFCHECK_WEBHOOK_URL=url)
+    proc = _cli(env, "--json")
+    result = json.loads(proc.stdout)
+    assert result["success"], result
+    assert len(_Hook.requests) == 1
+    path, content_type, body = _Hook.requests[0]
+    assert path == url.split(str(webhook[0].server_port))[1] and content_type == "application/json"
+    assert json.loads(body) == {"send_time": result["send_time"], "reception_time": result["reception_time"]}
+    _assert_no_secrets(proc.stdout + proc.stderr, env)
+
+
+def test_webhook_not_called_on_failure(stack, webhook) -> None:
+    env = _env(stack, MESSAGES_SELFCHECK_WEBHOOK_URL=webhook[1], MESSAGES_SELFCHECK_IMAP_PASSWORD="wrong")
+    proc = _cli(env, "--json")
+    assert json.loads(proc.stdout)["success"] is False
+    assert _Hook.requests == []
+
+
+@pytest.mark.parametrize("behaviour", ["error", "hang"])
+def test_webhook_failure_never_fails_the_check(stack, webhook, behaviour) -> None:
+    _Hook.behaviour = behaviour
+    env = _env(stack, MESSAGES_SELFCHECK_WEBHOOK_URL=webhook[1])
+    proc = _cli(env, "--json")
+    assert proc.returncode == 0
+    assert json.loads(proc.stdout)["success"] is True
+    assert "WARNING webhook_failed" in proc.stderr
+    _assert_no_secrets(proc.stdout + proc.stderr, env)
+
+
+def test_loop_mode_repeats_every_interval(stack) -> None:
+    env = _env(stack, MESSAGES_SELFCHECK_INTERVAL="1")
+    full = {k: v for k, v in os.environ.items() if not k.startswith("MESSAGES_SELFCHECK_")}
+    full.update(env)
+    proc = subprocess.Popen([CLI, "run", "--loop", "--json"], env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = [proc.stdout.readline() for _ in range(3)]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert all(json.loads(line)["success"] for line in lines), lines
+    assert proc.returncode == 0
