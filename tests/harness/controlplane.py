@@ -99,6 +99,13 @@ class ControlPlaneError(RuntimeError):
     """A control-plane component failed to start or to become ready."""
 
 
+class CommandError(subprocess.CalledProcessError):
+    """kubectl/helm failed; ``str()`` includes the command's stderr."""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}\nstderr: {(self.stderr or '').strip()[-2000:]}"
+
+
 def cache_root() -> Path:
     """Root of the binary cache (``$MAIL_SELFCHECK_CACHE`` or ``~/.cache/mail-selfcheck``)."""
     env = os.environ.get("MAIL_SELFCHECK_CACHE")
@@ -728,16 +735,14 @@ class ControlPlane:
                 timeout: float = 120.0) -> subprocess.CompletedProcess:
         """Run ``kubectl --kubeconfig=... ARGS``; text output captured.
 
-        :raises subprocess.CalledProcessError: non-zero exit and ``check`` (stderr included
-            in the message).
+        :raises CommandError: (a ``subprocess.CalledProcessError`` whose message includes
+            stderr) on a non-zero exit when ``check``.
         """
         proc = subprocess.run([str(self.kubectl_bin), f"--kubeconfig={self.kubeconfig}", *args],
                               input=input, capture_output=True, text=True, timeout=timeout,
                               env=self.env())
         if check and proc.returncode != 0:
-            raise subprocess.CalledProcessError(proc.returncode, proc.args, proc.stdout,
-                                                proc.stderr) from RuntimeError(
-                f"kubectl {' '.join(args)} failed: {proc.stderr.strip()}")
+            raise CommandError(proc.returncode, proc.args, proc.stdout, proc.stderr)
         return proc
 
     def helm(self, *args: str, check: bool = True, timeout: float = 300.0
@@ -746,8 +751,7 @@ class ControlPlane:
         proc = subprocess.run([str(self.helm_bin), f"--kubeconfig={self.kubeconfig}", *args],
                               capture_output=True, text=True, timeout=timeout, env=self.env())
         if check and proc.returncode != 0:
-            raise subprocess.CalledProcessError(proc.returncode, proc.args, proc.stdout,
-                                                proc.stderr)
+            raise CommandError(proc.returncode, proc.args, proc.stdout, proc.stderr)
         return proc
 
     def api_client(self):
