@@ -8,6 +8,12 @@ import logging
 import kopf
 
 
+def _quiet_wakeups(record: logging.LogRecord) -> bool:
+    """Drop kopf's per-event success lines of the wake-up handlers (one per watch event)."""
+    message = record.getMessage()
+    return not (message.startswith("Handler 'resource_changed'") or message.startswith("Handler 'job_changed'"))
+
+
 def run_operator(namespaces: list[str], liveness: str | None, metrics_port: int | None, verbose: bool) -> int:
     """Run the operator until SIGINT/SIGTERM.
 
@@ -20,7 +26,10 @@ def run_operator(namespaces: list[str], liveness: str | None, metrics_port: int 
     Returns:
         the process exit code (0 after a clean stop).
     """
-    kopf.configure(verbose=verbose, log_format=kopf.LogFormat.PLAIN)
+    kopf.configure(verbose=verbose)
+    if not verbose:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_quiet_wakeups)
     if not verbose:
         logging.getLogger("kubernetes").setLevel(logging.WARNING)
         logging.getLogger("urllib3").setLevel(logging.WARNING)

@@ -1,0 +1,393 @@
+"""The operator on the real control plane, with probe Jobs run against the real Postfix + Dovecot.
+
+Everything is real: the CRD from ``crds/`` (schema, CEL rules, status subresource, printer
+columns) in kube-apiserver, the Job and garbage-collector controllers, the operator as a
+subprocess (``mail-selfcheck operator -n <ns>``), the probe as the Job's command run by the
+node agent (the kubelet stand-in), the mail stack. Intervals are 10-20 s to keep the tier short.
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mail_selfcheck.models.spec import GROUP
+
+pytestmark = pytest.mark.cluster
+
+REPO = Path(__file__).resolve().parents[2]
+CRD_FILE = REPO / "crds" / "mailselfchecks.yaml"
+OPERATOR = Path(sys.executable).parent / "mail-selfcheck"
+RUN_NOW = f"{GROUP}/run-now"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.5, diag=None):
+    end = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < end:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    extra = f"\n{diag()}" if diag else ""
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r}){extra}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Operator:
+    """``mail-selfcheck operator -n NS`` as a subprocess, its output in a log file."""
+
+    def __init__(self, cp, namespace: str, log: Path) -> None:
+        self.cp, self.namespace, self.log = cp, namespace, log
+        self.metrics_port = free_port()
+        self.liveness_port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Operator":
+        env = {**os.environ, "KUBECONFIG": str(self.cp.kubeconfig)}
+        out = open(self.log, "a")
+        self.proc = subprocess.Popen(
+            [str(OPERATOR), "operator", "-n", self.namespace, "--metrics-port", str(self.metrics_port),
+             "--liveness", f"http://127.0.0.1:{self.liveness_port}/healthz"],
+            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+        out.close()
+        wait_until(self._live, 30, "the operator's liveness endpoint", diag=self.text)
+        return self
+
+    def _live(self) -> bool:
+        if self.proc.poll() is not None:
+            pytest.fail(f"operator exited with {self.proc.returncode}:\n{self.text()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.liveness_port}/healthz", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    def kill(self) -> None:
+        """SIGKILL: a crash, no clean-up of any kind."""
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def text(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+
+class Webhook:
+    """A heartbeat receiver on loopback recording every request path."""
+
+    def __init__(self) -> None:
+        hits = self.hits = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                length = int(self.headers.get("Content-Length") or 0)
+                hits.append((self.path, self.rfile.read(length)))
+                self.send_response(200)
+                self.end_headers()
+
+            do_GET = do_POST  # noqa: N815
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/heartbeat/tok-{os.urandom(6).hex()}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def crd(control_plane):
+    """The CRD from crds/ (the generated file the tests and the chart use), Established."""
+    control_plane.kubectl("apply", "-f", str(CRD_FILE))
+    control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                          f"crd/mailselfchecks.{GROUP}")
+    return CRD_FILE
+
+
+@pytest.fixture
+def operator(control_plane, crd, k8s_namespace, tmp_path):
+    op = Operator(control_plane, k8s_namespace, tmp_path / "operator.log").start()
+    yield op
+    op.stop()
+
+
+@pytest.fixture
+def webhook():
+    hook = Webhook()
+    yield hook
+    hook.close()
+
+
+def mail_secrets(cp, namespace: str, env: dict[str, str], webhook_url: str | None = None) -> dict[str, str]:
+    """Create the Secrets/ConfigMap a MailSelfcheck refers to; returns the confidential values."""
+    secret = {"smtp": env["MESSAGES_SELFCHECK_SMTP_PASSWORD"], "imap": env["MESSAGES_SELFCHECK_IMAP_PASSWORD"],
+              "secret": env["MESSAGES_SELFCHECK_SECRET"]}
+    if webhook_url:
+        secret["webhook"] = webhook_url
+    apply(cp, namespace, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "mail"}, "stringData": secret})
+    apply(cp, namespace, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "mail-ca"},
+                          "data": {"ca.crt": Path(env["MESSAGES_SELFCHECK_TLS_CA_FILE"]).read_text()}})
+    return secret
+
+
+def selfcheck(env: dict[str, str], name: str = "demo", interval: int = 10, timeout: float = 8,
+              webhook: bool = False, **spec) -> dict:
+    body = {
+        "apiVersion": f"{GROUP}/v1alpha1",
+        "kind": "MailSelfcheck",
+        "metadata": {"name": name},
+        "spec": {
+            "from": env["MESSAGES_SELFCHECK_FROM"],
+            "to": env["MESSAGES_SELFCHECK_TO"],
+            "interval": interval,
+            "timeout": timeout,
+            "smtp": {"host": env["MESSAGES_SELFCHECK_SMTP_HOST"], "port": int(env["MESSAGES_SELFCHECK_SMTP_PORT"]),
+                     "security": env["MESSAGES_SELFCHECK_SMTP_SECURITY"],
+                     "passwordSecretRef": {"name": "mail", "key": "smtp"}},
+            "imap": {"host": env["MESSAGES_SELFCHECK_IMAP_HOST"], "port": int(env["MESSAGES_SELFCHECK_IMAP_PORT"]),
+                     "security": env["MESSAGES_SELFCHECK_IMAP_SECURITY"],
+                     "passwordSecretRef": {"name": "mail", "key": "imap"}},
+            "secretRef": {"name": "mail", "key": "secret"},
+            "tls": {"caBundle": {"configMapKeyRef": {"name": "mail-ca", "key": "ca.crt"}}},
+            **spec,
+        },
+    }
+    if webhook:
+        body["spec"]["webhookUrlSecretRef"] = {"name": "mail", "key": "webhook"}
+    return body
+
+
+def apply(cp, namespace: str, obj: dict, check: bool = True) -> subprocess.CompletedProcess:
+    return cp.kubectl("-n", namespace, "apply", "-f", "-", input=yaml.safe_dump(obj), check=check)
+
+
+def get(cp, namespace: str, *what: str) -> dict:
+    return json.loads(cp.kubectl("-n", namespace, "get", *what, "-o", "json").stdout)
+
+
+def status(cp, namespace: str, name: str = "demo") -> dict:
+    return get(cp, namespace, "mailselfcheck", name).get("status") or {}
+
+
+def ready(st: dict) -> dict:
+    return next((c for c in st.get("conditions") or [] if c["type"] == "Ready"), {})
+
+
+def events(cp, namespace: str, reason: str | None = None) -> list[dict]:
+    items = get(cp, namespace, "events")["items"]
+    items = [e for e in items if e["involvedObject"]["kind"] == "MailSelfcheck"]
+    return [e for e in items if reason is None or e["reason"] == reason]
+
+
+def diag(cp, namespace: str, op: Operator):
+    def text() -> str:
+        out = cp.kubectl("-n", namespace, "get", "mailselfchecks,jobs,pods", "-o", "wide", check=False)
+        st = cp.kubectl("-n", namespace, "get", "mailselfchecks", "-o", "jsonpath={.items[*].status}", check=False)
+        return f"{out.stdout}{out.stderr}\nstatus: {st.stdout}\noperator log tail:\n{op.text()[-3000:]}"
+    return text
+
+
+def assert_no_secrets(cp, namespace: str, op: Operator, secrets: dict[str, str]) -> None:
+    """No confidential value in the operator log, the status, the Events or the Job specs."""
+    places = {
+        "operator log": op.text(),
+        "MailSelfcheck (status included)": cp.kubectl("-n", namespace, "get", "mailselfchecks", "-o", "json").stdout,
+        "Events": cp.kubectl("-n", namespace, "get", "events", "-o", "json").stdout,
+        "Jobs": cp.kubectl("-n", namespace, "get", "jobs", "-o", "json").stdout,
+        "Pods": cp.kubectl("-n", namespace, "get", "pods", "-o", "json").stdout,
+    }
+    for key, value in secrets.items():
+        for where, text in places.items():
+            assert value not in text, f"the {key} value leaked into the {where}"
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_success_status_webhook_metrics_and_no_leak(control_plane, mail_stack, operator, k8s_namespace, webhook):
+    cp, ns = control_plane, k8s_namespace
+    env = mail_stack.probe_env()
+    secrets = mail_secrets(cp, ns, env, webhook.url)
+    apply(cp, ns, selfcheck(env, interval=10, webhook=True))
+    d = diag(cp, ns, operator)
+
+    st = wait_until(lambda: (s := status(cp, ns)).get("success") is True and s, 2 * 10 + 10,
+                    "a successful check within two intervals", diag=d)
+    assert st["sendTime"] > 0 and st["receptionTime"] > 0 and st["consecutiveFailures"] == 0
+    assert ready(st)["status"] == "True" and ready(st)["observedGeneration"] == 1
+    job = get(cp, ns, "job", st["lastHarvestedJob"])
+    assert any(c["type"] == "Complete" and c["status"] == "True" for c in job["status"]["conditions"])
+    assert job["metadata"]["ownerReferences"][0]["name"] == "demo"
+    wait_until(lambda: webhook.hits, 10, "the heartbeat webhook")
+
+    table = cp.kubectl("-n", ns, "get", "mailselfchecks", "-o", "wide").stdout
+    print(table)
+    header, row = table.splitlines()[:2]
+    assert header.split()[:4] == ["NAME", "SUCCESS", "SEND", "RECEPTION"] and "ERROR" in header
+    assert row.split()[1] == "true"
+
+    # a second run follows on the schedule; the history grows and the metrics count it
+    wait_until(lambda: len(status(cp, ns).get("history") or []) >= 2, 10 + 10, "the second scheduled check", diag=d)
+    text = operator.metrics()
+    assert f'mail_selfcheck_success{{name="demo",namespace="{ns}"}} 1.0' in text
+    assert f'mail_selfcheck_checks_total{{error_class="",name="demo",namespace="{ns}",outcome="success"}}' in text
+    assert "mail_selfcheck_reception_time_seconds_bucket" in text
+    assert [e["reason"] for e in events(cp, ns)] == ["CheckSucceeded"], "Events on transitions only"
+    assert_no_secrets(cp, ns, operator, secrets)
+
+
+def test_failure_error_events_and_recovery(control_plane, mail_stack, operator, k8s_namespace):
+    cp, ns = control_plane, k8s_namespace
+    env = mail_stack.probe_env()
+    secrets = mail_secrets(cp, ns, env)
+    good_imap = secrets["imap"]
+    d = diag(cp, ns, operator)
+
+    # wrong IMAP password in the Secret
+    cp.kubectl("-n", ns, "patch", "secret", "mail", "-p", json.dumps({"stringData": {"imap": "wrong-pw"}}))
+    apply(cp, ns, selfcheck(env, interval=10))
+    st = wait_until(lambda: (s := status(cp, ns)).get("consecutiveFailures", 0) >= 2 and s, 3 * 10 + 10,
+                    "two failed checks", diag=d)
+    assert st["success"] is False and st["errorClass"] == "mailbox_unavailable", st
+    assert "login" in st["error"].lower() or "auth" in st["error"].lower(), st["error"]
+    assert ready(st)["status"] == "False" and ready(st)["reason"] == "CheckFailed"
+    assert len(events(cp, ns, "CheckFailing")) == 1 and events(cp, ns, "CheckFailing")[0]["type"] == "Warning"
+    assert f'mail_selfcheck_success{{name="demo",namespace="{ns}"}} 0.0' in operator.metrics()
+    assert f'mail_selfcheck_consecutive_failures{{name="demo",namespace="{ns}"}} ' in operator.metrics()
+
+    # repaired: recovery Event, Ready=True; run-now annotation triggers the next check at once
+    cp.kubectl("-n", ns, "patch", "secret", "mail", "-p", json.dumps({"stringData": {"imap": good_imap}}))
+    cp.kubectl("-n", ns, "annotate", "mailselfcheck", "demo", f"{RUN_NOW}=1")
+    st = wait_until(lambda: (s := status(cp, ns)).get("success") is True and s, 10 + 10, "recovery", diag=d)
+    assert ready(st)["status"] == "True" and st["consecutiveFailures"] == 0
+    assert len(events(cp, ns, "CheckRecovered")) == 1
+
+    # Dovecot down: the precise error, then recovery when it is back
+    mail_stack.stop_dovecot()
+    try:
+        st = wait_until(lambda: (s := status(cp, ns)).get("success") is False and s, 2 * 10 + 10,
+                        "a failure with Dovecot stopped", diag=d)
+        assert st["errorClass"] in ("mailbox_unavailable", "imap_connect"), st
+        assert "refused" in st["error"].lower() or "connect" in st["error"].lower(), st["error"]
+    finally:
+        mail_stack.start_dovecot()
+    wait_until(lambda: status(cp, ns).get("success") is True, 2 * 10 + 10, "recovery after Dovecot restart", diag=d)
+    assert len(events(cp, ns, "CheckFailing")) == 2 and len(events(cp, ns, "CheckRecovered")) == 2
+    assert_no_secrets(cp, ns, operator, {**secrets, "wrong imap password": "wrong-pw"})
+
+
+INVALID = [
+    ({"from": "not-an-address"}, "must be a mail address like user@example.com"),
+    ({"interval": 0}, "should be greater than or equal to 10"),
+    ({"interval": 20, "timeout": 20}, "timeout must be smaller than interval"),
+    ({"smtp": {"host": "h", "security": "ssl", "passwordSecretRef": {"name": "a", "key": "b"}}},
+     'Unsupported value: "ssl"'),
+    ({"smtp": {"host": "h", "security": "starttls"}}, "passwordSecretRef is required unless security is plain"),
+    ({"secretRef": None}, "spec.secretRef: Required value"),
+]
+
+
+def test_invalid_resources_are_rejected_with_readable_messages(control_plane, mail_stack, operator, k8s_namespace):
+    cp, ns = control_plane, k8s_namespace
+    env = mail_stack.probe_env()
+    for change, message in INVALID:
+        body = selfcheck(env, name="invalid")
+        body["spec"].update(change)
+        body["spec"] = {k: v for k, v in body["spec"].items() if v is not None}
+        out = apply(cp, ns, body, check=False)
+        assert out.returncode != 0, f"{change} was accepted"
+        assert message in out.stderr, out.stderr
+    assert get(cp, ns, "mailselfchecks")["items"] == []
+    assert operator.proc.poll() is None, "the operator died"
+    assert "Traceback" not in operator.text()
+
+
+def test_operator_restart_harvests_without_duplicate(control_plane, mail_stack, operator, k8s_namespace):
+    """SIGKILL the operator while a Job runs; the restarted one records its result, no new Job for the slot."""
+    cp, ns = control_plane, k8s_namespace
+    env = mail_stack.probe_env(to_user="held")  # accepted, never delivered: the probe runs until its timeout
+    mail_secrets(cp, ns, env)
+    apply(cp, ns, selfcheck(env, interval=20, timeout=6))
+    d = diag(cp, ns, operator)
+    active = wait_until(lambda: status(cp, ns).get("active"), 20, "a running Job", interval=0.2, diag=d)
+    operator.kill()
+    # the Job finishes while no operator runs
+    wait_until(lambda: any(c["type"] in ("Complete", "Failed") for c in
+                           (get(cp, ns, "job", active["name"]).get("status") or {}).get("conditions") or []),
+               30, "the Job to finish without operator")
+    assert (status(cp, ns).get("active") or {}).get("name") == active["name"]
+    operator.start()
+    st = wait_until(lambda: (s := status(cp, ns)).get("lastHarvestedJob") == active["name"] and s, 20,
+                    "the restarted operator to harvest the Job", diag=d)
+    assert st["success"] is False and st["errorClass"] == "timeout", st
+    assert st["history"][0]["job"] == active["name"]
+    slots = [j["metadata"]["annotations"][f"{GROUP}/schedule-time"] for j in get(cp, ns, "jobs")["items"]]
+    assert len(slots) == len(set(slots)), f"two Jobs for one slot: {slots}"
+    assert slots.count(active["scheduleTime"]) == 1
+
+
+def test_delete_collects_jobs_and_metrics(control_plane, mail_stack, operator, k8s_namespace):
+    cp, ns = control_plane, k8s_namespace
+    env = mail_stack.probe_env()
+    mail_secrets(cp, ns, env)
+    apply(cp, ns, selfcheck(env, interval=10, suspend=False))
+    d = diag(cp, ns, operator)
+    wait_until(lambda: status(cp, ns).get("success") is True, 20, "a first result", diag=d)
+    assert get(cp, ns, "jobs")["items"] and get(cp, ns, "pods")["items"]
+    assert 'name="demo"' in operator.metrics()
+
+    started = time.monotonic()
+    cp.kubectl("-n", ns, "delete", "mailselfcheck", "demo", "--timeout=30s")  # finalizer must not hang
+    assert time.monotonic() - started < 30
+    wait_until(lambda: not get(cp, ns, "jobs")["items"] and not get(cp, ns, "pods")["items"], 60,
+               "garbage collection of the Jobs and pods", diag=d)
+    assert 'name="demo"' not in operator.metrics(), "series of a deleted resource must go"
+
+
+def test_suspend_stops_scheduling(control_plane, mail_stack, operator, k8s_namespace):
+    cp, ns = control_plane, k8s_namespace
+    env = mail_stack.probe_env()
+    mail_secrets(cp, ns, env)
+    apply(cp, ns, selfcheck(env, interval=10, suspend=True))
+    time.sleep(12)
+    assert get(cp, ns, "jobs")["items"] == [], "a suspended MailSelfcheck launched a Job"
+    cp.kubectl("-n", ns, "patch", "mailselfcheck", "demo", "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    wait_until(lambda: status(cp, ns).get("success") is True, 20, "the first check after resuming",
+               diag=diag(cp, ns, operator))
