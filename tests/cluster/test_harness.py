@@ -259,3 +259,26 @@ def test_rbac_restricted_service_account_is_denied(control_plane, k8s_namespace,
     assert ok.returncode == 0, ok.stderr
     assert denied.returncode != 0 and "Forbidden" in denied.stderr, denied.stderr
     assert f"system:serviceaccount:{ns}:restricted" in denied.stderr
+
+
+def test_job_deadline_kills_the_process(control_plane, k8s_namespace, tmp_path):
+    """The Job controller enforces activeDeadlineSeconds by deleting the pod; the node agent
+    then kills the process (it must not live on) and confirms the deletion."""
+    cp, ns = control_plane, k8s_namespace
+    marker = tmp_path / "still-running"
+    script = (f"import time, pathlib\n"
+              f"p = pathlib.Path({str(marker)!r})\n"
+              f"for _ in range(600):\n    p.write_text(str(time.time())); time.sleep(0.1)\n")
+    job = json.loads(_job("slow", script))
+    job["spec"]["activeDeadlineSeconds"] = 3
+    cp.kubectl("-n", ns, "apply", "-f", "-", input=json.dumps(job))
+    _wait_until(marker.exists, 60, "the container process to start")
+    cp.kubectl("-n", ns, "wait", "--for=condition=Failed", "--timeout=60s", "job/slow")
+    job = json.loads(cp.kubectl("-n", ns, "get", "job", "slow", "-o", "json").stdout)
+    failed = [c for c in job["status"]["conditions"] if c["type"] == "Failed"][0]
+    assert failed["reason"] == "DeadlineExceeded"
+    _wait_until(lambda: not cp.kubectl("-n", ns, "get", "pods", "-o", "name").stdout.strip(),
+                60, "the pod to be deleted")
+    before = marker.read_text()
+    time.sleep(1.0)
+    assert marker.read_text() == before, "the container process survived its pod"
