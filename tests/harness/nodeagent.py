@@ -186,15 +186,17 @@ class NodeAgent:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop watching and kill every process still running (SIGKILL after 5 s)."""
+        """Stop watching and kill every process still running (SIGKILL after 5 s).
+
+        Pods are left as they are in the API (a stopped kubelet deletes nothing).
+        """
         self._stop.set()
         if self._watch is not None:
             self._watch.stop()
         with self._workers_lock:
             workers = list(self._workers.values())
-        for w in workers:
+        for w in workers:  # their threads see _stop, kill the processes, leave the pods be
             w.grace = min(w.grace, 5)
-            w.deleted.set()
         deadline = time.monotonic() + timeout
         for w in workers:
             if w.thread is not None:
