@@ -72,7 +72,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -136,14 +135,16 @@ def _go_env() -> dict[str, str]:
     return env
 
 
-def _run_go(args: list[str], cwd: Path, log: Path) -> str:
+def _run_go(args: list[str], cwd: Path, log: Path, extra_env: dict[str, str] | None = None
+            ) -> str:
     """Run ``go ARGS`` in ``cwd``, appending its output to ``log``; return stdout."""
     cmd = [_go_binary(), *args]
     _log(f"$ (cd {cwd} && {' '.join(cmd)})")
     with open(log, "a") as fh:
         fh.write(f"\n$ {' '.join(cmd)}\n")
         fh.flush()
-        proc = subprocess.run(cmd, cwd=cwd, env=_go_env(), stdout=subprocess.PIPE,
+        proc = subprocess.run(cmd, cwd=cwd, env={**_go_env(), **(extra_env or {})},
+                              stdout=subprocess.PIPE,
                               stderr=fh, text=True)
         fh.write(proc.stdout)
     if proc.returncode != 0:
@@ -342,13 +343,8 @@ def build_helm(version: str = HELM_VERSION) -> Path:
          f"-X {mod}/internal/version.gitTreeState=clean"]
     out = work / "bin"
     out.mkdir()
-    env_gobin = {"GOBIN": str(out)}
-    os.environ.update(env_gobin)
-    try:
-        _run_go(["install", "-trimpath", "-ldflags", " ".join(["-s", "-w", *x]),
-                 f"{mod}/cmd/helm@{version}"], work, log)
-    finally:
-        os.environ.pop("GOBIN", None)
+    _run_go(["install", "-trimpath", "-ldflags", " ".join(["-s", "-w", *x]),
+             f"{mod}/cmd/helm@{version}"], work, log, extra_env={"GOBIN": str(out)})
     _finish(out, dest, {"component": "helm", "version": version, "gitCommit": commit,
                         "seconds": round(time.monotonic() - t0, 1)})
     shutil.rmtree(work, ignore_errors=True)

@@ -61,7 +61,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -568,6 +567,7 @@ class NodeAgent:
         restart_policy = pod.spec.restart_policy or "Always"
         restarts = {c.name: 0 for c in pod.spec.containers}
         results: dict[str, dict] = {}
+        previous: dict[str, dict] = {}  # the terminated state before the last restart
         pending = {p["name"]: p for p in prepared}
         backoff = {name: 10.0 for name in pending}
         while pending:
@@ -590,6 +590,7 @@ class NodeAgent:
                 # OnFailure / Always: restart failed containers in place after a back-off.
                 for name in pending:
                     restarts[name] += 1
+                    previous[name] = results[name]
                 self._patch_status(w, {
                     "phase": "Running",
                     "containerStatuses": [
@@ -606,7 +607,8 @@ class NodeAgent:
         self._patch_status(w, {
             **self._base_status(started), "phase": "Succeeded" if ok else "Failed",
             "conditions": self._conditions(started, False, reason),
-            "containerStatuses": [self._cstatus(c, restarts[c.name], results.get(c.name), None)
+            "containerStatuses": [self._cstatus(c, restarts[c.name], results.get(c.name), None,
+                                                prev=previous.get(c.name))
                                   for c in pod.spec.containers]})
         log.info("pod %s/%s finished: %s", w.namespace, w.name,
                  {k: v["exitCode"] for k, v in results.items()})
@@ -628,7 +630,7 @@ class NodeAgent:
         ads = pod.spec.active_deadline_seconds
         self._patch_status(w, {
             "phase": "Failed", "reason": "DeadlineExceeded",
-            "message": f"Pod was active on the node longer than the specified deadline",
+            "message": "Pod was active on the node longer than the specified deadline",
             "conditions": self._conditions(started, False, "PodFailed"),
             "containerStatuses": [self._cstatus(c, 0, self._terminated(r), None)
                                   for c in pod.spec.containers
@@ -705,7 +707,8 @@ class NodeAgent:
 
     @staticmethod
     def _cstatus(c: client.V1Container, restarts: int, last: dict | None,
-                 run: _Run | None, waiting: str | None = None) -> dict:
+                 run: _Run | None, waiting: str | None = None,
+                 prev: dict | None = None) -> dict:
         st: dict[str, Any] = {"name": c.name, "image": c.image, "imageID": "",
                               "restartCount": restarts}
         if run is not None:
@@ -723,6 +726,8 @@ class NodeAgent:
         elif last:
             st.update(ready=False, started=False, containerID=last["containerID"],
                       state={"terminated": last})
+            if prev:
+                st["lastState"] = {"terminated": prev}
         else:
             st.update(ready=False, started=False, state={"waiting": {"reason": "PodInitializing"}})
         return st
