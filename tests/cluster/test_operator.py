@@ -288,6 +288,7 @@ def test_failure_error_events_and_recovery(control_plane, mail_stack, operator, 
     assert st["success"] is False and st["errorClass"] == "mailbox_unavailable", st
     assert "login" in st["error"].lower() or "auth" in st["error"].lower(), st["error"]
     assert ready(st)["status"] == "False" and ready(st)["reason"] == "CheckFailed"
+    print(cp.kubectl("-n", ns, "get", "mailselfchecks", "-o", "wide").stdout)
     assert len(events(cp, ns, "CheckFailing")) == 1 and events(cp, ns, "CheckFailing")[0]["type"] == "Warning"
     assert f'mail_selfcheck_success{{name="demo",namespace="{ns}"}} 0.0' in operator.metrics()
     assert f'mail_selfcheck_consecutive_failures{{name="demo",namespace="{ns}"}} ' in operator.metrics()

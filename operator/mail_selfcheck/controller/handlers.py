@@ -60,14 +60,14 @@ async def selfcheck(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStoppe
 
 
 @kopf.on.event(GROUP, VERSION, PLURAL)
-def resource_changed(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+async def resource_changed(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
     memo["shared"].wake(namespace, name)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={LABEL_MANAGED_BY: MANAGED_BY})
-def job_changed(body: kopf.Body, type: str | None, namespace: str, memo: kopf.Memo, **_: Any) -> None:
+async def job_changed(body: kopf.Body, type: str | None, namespace: str, memo: kopf.Memo, **_: Any) -> None:
     if type != "DELETED" and not job_finished(body):
         return
     for owner in body.metadata.get("ownerReferences") or []:
         if owner.get("kind") == KIND and owner.get("apiVersion", "").startswith(GROUP + "/"):
-            memo["shared"].wake(namespace, owner["name"], job_event=True)
+            memo["shared"].wake(namespace, owner["name"], job=None if type == "DELETED" else dict(body))

@@ -58,11 +58,15 @@ class Shared:
         self.jobs = JobsApi(self.api_client)
         self.custom = client.CustomObjectsApi(self.api_client)
 
-    def wake(self, namespace: str, name: str, *, job_event: bool = False) -> None:
-        """Wake the loop of ``namespace/name`` (no-op if it is not running)."""
+    def wake(self, namespace: str, name: str, *, job: dict[str, Any] | None | bool = False) -> None:
+        """Wake the loop of ``namespace/name`` (no-op if it is not running).
+
+        ``job``: the finished Job's body from a watch event (spares a read), ``None`` when
+        the Job was deleted, ``False`` when the wake-up is not about a Job.
+        """
         loop = self.wakeups.get((namespace, name))
         if loop is not None:
-            loop.wake(job_event=job_event)
+            loop.wake(job=job)
 
 
 class Selfcheck:
@@ -78,13 +82,16 @@ class Selfcheck:
         self.status: dict[str, Any] = json.loads(json.dumps(dict(body.get("status") or {})))
         self._event = asyncio.Event()
         self._check_job = True  # read the active Job on the first pass (operator restart)
+        self._seen_jobs: dict[str, dict[str, Any]] = {}  # finished Jobs delivered by the watch
         self._next_job_poll = shared.clock()
 
     # -------------------------------------------------------------- plumbing
 
-    def wake(self, *, job_event: bool = False) -> None:
-        if job_event:
+    def wake(self, *, job: dict[str, Any] | None | bool = False) -> None:
+        if job is not False:
             self._check_job = True
+            if job is not None:
+                self._seen_jobs[job["metadata"]["name"]] = job
         self._event.set()
 
     async def _patch_status(self, patch: dict[str, Any]) -> None:
@@ -159,7 +166,10 @@ class Selfcheck:
             if not self._check_job and now < self._next_job_poll:
                 return self._next_job_poll
             self._check_job = False
-            job = await self.shared.jobs.get(self.namespace, active["name"])
+            job = self._seen_jobs.pop(active["name"], None)
+            if job is None:
+                job = await self.shared.jobs.get(self.namespace, active["name"])
+            self._seen_jobs.clear()
             if job is not None and not job_finished(job):
                 self._next_job_poll = now + dt.timedelta(seconds=ACTIVE_POLL)
                 return self._next_job_poll
