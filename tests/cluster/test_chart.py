@@ -1,0 +1,689 @@
+"""The Helm chart ``charts/selfcheck`` (issue 5): lint, render, install on the real control plane.
+
+* Pure checks (no cluster): the chart's CRD is byte-identical to the repo's ``crds/`` file
+  (a copy, not a symlink: Argo CD and other GitOps tools refuse symlinks leaving the chart
+  directory), and every value in ``values.yaml`` carries a ``# --`` comment.
+* ``helm lint --strict`` and ``helm template`` for the default and every optional value set,
+  with structural checks of the rendered objects: Deployment hardening, least-privilege RBAC
+  (nothing on Secrets, no wildcards), Service/ServiceMonitor wiring, alert and dashboard
+  expressions using exactly the series that ``controller/metrics.py`` exposes, the sample
+  MailSelfcheck valid for the spec model. ServiceMonitor and PrometheusRule are rendered
+  only: the prometheus-operator CRDs are not available offline.
+* A value of the wrong type makes ``helm install`` fail with the schema's message.
+* ``helm install`` (cluster-wide), ``helm upgrade`` (to namespaced) and ``helm uninstall``
+  against the real kube-apiserver, with the operator's effective permissions checked by
+  ``kubectl auth can-i --as=system:serviceaccount:...``.
+* The real operator process, authenticated with a token of the chart's ServiceAccount,
+  reconciles a MailSelfcheck end to end (Job created by the real Job controller, result
+  harvested into status, transition Event posted, deletion with finalizer) without any
+  permission error in its log: the RBAC is sufficient, not only well-formed.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.harness.controlplane import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "selfcheck"
+GROUP = "selfcheck.mail-selfcheck.dev"
+
+# The operator's permissions, derived from operator/mail_selfcheck/controller and kopf.
+OPERATOR_RULES = {
+    (GROUP, "mailselfchecks"): {"get", "list", "watch", "patch"},
+    (GROUP, "mailselfchecks/status"): {"get", "patch"},
+    ("batch", "jobs"): {"get", "list", "watch", "create", "delete"},
+    ("", "pods"): {"get", "list", "watch"},
+    ("", "events"): {"create"},
+}
+
+ALL_OPTIONAL = {
+    "metrics": {"service": {"enabled": True}, "serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+    "prometheusRule": {"enabled": True, "labels": {"release": "prom"}, "alertLabels": {"team": "mail"}},
+    "grafanaDashboard": {"enabled": True, "annotations": {"grafana_folder": "Mail"}},
+    "sample": {"enabled": True},
+}
+
+# name -> (values, extra helm args)
+VALUE_SETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "namespaced": {"watchNamespaces": ["{{ .Release.Namespace }}", "mail", "mail"]},
+    "all-optional": ALL_OPTIONAL,
+    "all-optional-namespaced": {**ALL_OPTIONAL, "watchNamespaces": ["{{ .Release.Namespace }}"]},
+    "metrics-off": {"operator": {"metricsPort": 0}, **ALL_OPTIONAL},
+    "no-cluster-scoped-rbac": {
+        "watchNamespaces": ["mail"],
+        "rbac": {"clusterDiscovery": False, "aggregateToDefaultRoles": False},
+    },
+    "existing-service-account": {"serviceAccount": {"create": False, "name": "ops-sa"}, "rbac": {"create": False}},
+    "everything-set": {
+        "fullnameOverride": "msc",
+        "commonLabels": {"team": "mail"},
+        "image": {"repository": "registry.local/msc", "digest": "sha256:" + "a" * 64, "pullPolicy": "Always"},
+        "imagePullSecrets": ["regcred"],
+        "probe": {"image": "registry.local/msc-probe:1"},
+        "operator": {"verbose": True, "healthPort": 8081, "metricsPort": 9100,
+                     "extraArgs": ["--all-namespaces"], "extraEnv": [{"name": "TZ", "value": "UTC"}]},
+        "serviceAccount": {"annotations": {"iam": "x"}},
+        "deploymentAnnotations": {"a": "b"},
+        "podAnnotations": {"c": "d"},
+        "podLabels": {"e": "f"},
+        "priorityClassName": "system-cluster-critical",
+        "nodeSelector": {"kubernetes.io/os": "linux"},
+        "tolerations": [{"key": "mail", "operator": "Exists"}],
+        "affinity": {"nodeAffinity": {}},
+        "metrics": {"service": {"enabled": True, "port": 8443, "annotations": {"team": "mail"}},
+                    "serviceMonitor": {"enabled": True, "namespace": "monitoring", "interval": "1m",
+                                       "scrapeTimeout": "20s", "honorLabels": False,
+                                       "relabelings": [{"action": "labeldrop", "regex": "pod"}],
+                                       "metricRelabelings": [{"action": "labeldrop", "regex": "instance"}]}},
+        "prometheusRule": {"enabled": True, "namespace": "monitoring",
+                           "failing": {"consecutiveFailures": 5, "severity": "page"},
+                           "noSuccess": {"seconds": 7200, "severity": "page"},
+                           "slowReception": {"thresholdSeconds": 12.5, "for": "30m", "severity": "info"},
+                           "operatorDown": {"enabled": False},
+                           "additionalRules": [{"record": "mail_selfcheck:success:min",
+                                                "expr": "min(mail_selfcheck_success)"}]},
+        "grafanaDashboard": {"enabled": True, "namespace": "monitoring", "labels": {"dash": "yes"}},
+        "sample": {"enabled": True, "name": "other-example", "namespace": "mail"},
+    },
+}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _wait_until(predicate, timeout: float, what: str, interval: float = 0.5):
+    end = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < end:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
+
+
+def _values_file(tmp_path: Path, name: str, values: dict[str, Any]) -> Path:
+    path = tmp_path / f"values-{name}.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def _render(cp, tmp_path: Path, values: dict[str, Any], *, release: str = "rel", namespace: str = "ops",
+            name: str = "test") -> list[dict[str, Any]]:
+    out = cp.helm("template", release, str(CHART), "-n", namespace, "-f", str(_values_file(tmp_path, name, values)))
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def _objects(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def _one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
+    found = _objects(docs, kind)
+    assert len(found) == 1, f"expected one {kind}, got {[d['metadata']['name'] for d in found]}"
+    return found[0]
+
+
+def _rules(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
+    out: dict[tuple[str, str], set[str]] = {}
+    for rule in role["rules"]:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                out.setdefault((group, resource), set()).update(rule["verbs"])
+    return out
+
+
+def _exposed_metric_names() -> set[str]:
+    """Names of the series controller/metrics.py really exposes (after one observed check)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from mail_selfcheck.controller.metrics import Metrics
+
+    registry = CollectorRegistry()
+    metrics = Metrics(registry)
+    metrics.observe("ns", "n", success=True, error_class=None, send_time=0.1, reception_time=1.0,
+                    consecutive_failures=0, timestamp=1.0)
+    metrics.observe("ns", "n", success=False, error_class="smtp_auth", send_time=None, reception_time=None,
+                    consecutive_failures=1, timestamp=2.0)
+    text = generate_latest(registry).decode()
+    return {m.group(1) for m in re.finditer(r"^(mail_selfcheck_\w+)[{ ]", text, re.M)}
+
+
+def _metric_names_in(expr: str) -> set[str]:
+    return set(re.findall(r"\bmail_selfcheck_[a-z_]+\b(?![:])", expr))
+
+
+def _check_common(docs: list[dict[str, Any]], values: dict[str, Any]) -> None:
+    """Invariants of every rendering."""
+    for doc in docs:
+        labels = doc["metadata"].get("labels") or {}
+        assert labels.get("app.kubernetes.io/managed-by") == "Helm", doc["metadata"]["name"]
+        assert labels.get("app.kubernetes.io/instance") == "rel"
+        assert labels.get("helm.sh/chart") == "selfcheck-0.1.0"
+        for key, value in (values.get("commonLabels") or {}).items():
+            assert labels.get(key) == value
+
+    # Deployment: one replica, Recreate, hardened, liveness on kopf's /healthz.
+    deploy = _one(docs, "Deployment")
+    spec = deploy["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    pod = spec["template"]["spec"]
+    assert set(spec["selector"]["matchLabels"].items()) <= set(spec["template"]["metadata"]["labels"].items())
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert isinstance(pod["securityContext"]["runAsUser"], int) and pod["securityContext"]["runAsUser"] > 0
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    (container,) = pod["containers"]
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
+    assert sc["runAsNonRoot"] is True and sc["capabilities"] == {"drop": ["ALL"]}
+    assert container["resources"]["requests"] and container["resources"]["limits"]["memory"]
+    assert container["command"] == ["mail-selfcheck"] and container["args"][0] == "operator"
+    health = next(p for p in container["ports"] if p["name"] == "health")
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert f"--liveness=http://0.0.0.0:{health['containerPort']}/healthz" in container["args"]
+    metrics_port = (values.get("operator") or {}).get("metricsPort", 9090)
+    assert f"--metrics-port={metrics_port}" in container["args"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["MAIL_SELFCHECK_PROBE_IMAGE"]
+    assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
+
+    # RBAC: least privilege, nothing on Secrets, no wildcards.
+    for kind in ("Role", "ClusterRole"):
+        for role in _objects(docs, kind):
+            for rule in role["rules"]:
+                for field in ("apiGroups", "resources", "verbs"):
+                    assert "*" not in rule[field], (role["metadata"]["name"], rule)
+                assert not {"secrets", "serviceaccounts/token", "pods/exec"} & set(rule["resources"]), rule
+                assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"]), rule
+    if (values.get("rbac") or {}).get("create", True):
+        sa_name = _one(docs, "ServiceAccount")["metadata"]["name"] if values.get("serviceAccount", {}).get("create", True) else None
+        assert pod["serviceAccountName"] == sa_name
+        for kind in ("RoleBinding", "ClusterRoleBinding"):
+            for binding in _objects(docs, kind):
+                assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa_name, "namespace": "ops"}]
+    else:
+        assert not _objects(docs, "Role") and not _objects(docs, "ClusterRoleBinding")
+        assert pod["serviceAccountName"] == values["serviceAccount"]["name"]
+
+
+# ----------------------------------------------------------------------------- pure checks
+
+
+def test_chart_crd_is_identical_to_repo_crd():
+    chart_crd = CHART / "crds" / "mailselfchecks.yaml"
+    assert not chart_crd.is_symlink(), "keep a copy: GitOps tools refuse symlinks leaving the chart"
+    assert chart_crd.read_bytes() == (REPO / "crds" / "mailselfchecks.yaml").read_bytes(), (
+        "charts/selfcheck/crds/mailselfchecks.yaml differs from crds/mailselfchecks.yaml: "
+        "cp crds/mailselfchecks.yaml charts/selfcheck/crds/"
+    )
+
+
+def test_every_value_is_documented():
+    """Each key of values.yaml, or an ancestor, has a ``# --`` comment right above it."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    stack: list[tuple[int, bool]] = []  # (indent, documented)
+    undocumented = []
+    for i, line in enumerate(lines):
+        match = re.match(r"^( *)([A-Za-z_][\w.-]*):(.*)$", line)
+        if not match:
+            continue
+        indent, key, rest = len(match.group(1)), match.group(2), match.group(3).strip()
+        while stack and stack[-1][0] >= indent:
+            stack.pop()
+        j, documented = i - 1, False
+        while j >= 0 and lines[j].strip().startswith("#"):
+            documented = documented or lines[j].strip().startswith("# --")
+            j -= 1
+        covered = documented or any(d for _, d in stack)
+        is_leaf = bool(rest) and not rest.startswith("#")
+        if is_leaf and not covered:
+            undocumented.append(f"line {i + 1}: {key}")
+        stack.append((indent, covered))
+    assert not undocumented, f"values without a '# --' comment: {undocumented}"
+
+
+# ----------------------------------------------------------------------------- helm lint / template
+
+
+@pytest.mark.cluster
+def test_helm_lint_every_value_set(control_plane, tmp_path):
+    for name, values in VALUE_SETS.items():
+        out = control_plane.helm("lint", "--strict", str(CHART), "-f", str(_values_file(tmp_path, name, values)),
+                                 check=False)
+        assert out.returncode == 0, f"helm lint ({name}):\n{out.stdout}\n{out.stderr}"
+        assert "0 chart(s) failed" in out.stdout
+
+
+@pytest.mark.cluster
+def test_template_default(control_plane, tmp_path):
+    docs = _render(control_plane, tmp_path, {})
+    _check_common(docs, {})
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds == sorted(["ServiceAccount", "ClusterRole", "ClusterRole", "ClusterRole",
+                            "ClusterRoleBinding", "Deployment"]), kinds
+    role = next(r for r in _objects(docs, "ClusterRole") if r["metadata"]["name"] == "rel-selfcheck")
+    rules = _rules(role)
+    assert {k: v for k, v in rules.items() if k in OPERATOR_RULES} == OPERATOR_RULES
+    assert rules[("apiextensions.k8s.io", "customresourcedefinitions")] == {"list", "watch"}
+    assert set(rules) == set(OPERATOR_RULES) | {("apiextensions.k8s.io", "customresourcedefinitions")}
+    args = _one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert not [a for a in args if a.startswith("--namespace")], "cluster-wide: no --namespace"
+    image = _one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert image == "ghcr.io/mail-selfcheck/mail-selfcheck:0.1.0"
+
+
+@pytest.mark.cluster
+def test_template_namespaced(control_plane, tmp_path):
+    values = VALUE_SETS["namespaced"]
+    docs = _render(control_plane, tmp_path, values)
+    _check_common(docs, values)
+    roles = _objects(docs, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["mail", "ops"]  # templated, deduplicated
+    for role in roles:
+        assert _rules(role) == OPERATOR_RULES
+    bindings = _objects(docs, "RoleBinding")
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["mail", "ops"]
+    (discovery,) = [r for r in _objects(docs, "ClusterRole") if r["metadata"]["name"] == "rel-selfcheck-discovery"]
+    assert _rules(discovery) == {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"},
+                                 ("", "namespaces"): {"list", "watch"}}
+    args = _one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert [a for a in args if a.startswith("--namespace")] == ["--namespace=ops", "--namespace=mail"]
+
+    minimal = _render(control_plane, tmp_path, VALUE_SETS["no-cluster-scoped-rbac"], name="minimal")
+    _check_common(minimal, VALUE_SETS["no-cluster-scoped-rbac"])
+    assert not [d for d in minimal if d["kind"].startswith("Cluster")], "namespaced + no discovery: no cluster scope"
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("name", ["all-optional", "all-optional-namespaced", "metrics-off",
+                                  "existing-service-account", "everything-set"])
+def test_template_optional_value_sets(control_plane, tmp_path, name):
+    values = VALUE_SETS[name]
+    docs = _render(control_plane, tmp_path, values, name=name)
+    _check_common(docs, values)
+    exposed = _exposed_metric_names()
+    assert {"mail_selfcheck_success", "mail_selfcheck_consecutive_failures",
+            "mail_selfcheck_last_success_timestamp_seconds", "mail_selfcheck_checks_total"} <= exposed
+    deploy = _one(docs, "Deployment")
+    pod = deploy["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    metrics_on = (values.get("operator") or {}).get("metricsPort", 9090) != 0
+    metrics_values = values.get("metrics") or {}
+    service_on = metrics_on and any((metrics_values.get(k) or {}).get("enabled") for k in ("service", "serviceMonitor"))
+    assert any(p["name"] == "metrics" for p in container["ports"]) is metrics_on
+
+    if service_on:
+        svc = _one(docs, "Service")
+        assert set(svc["spec"]["selector"].items()) <= set(pod["metadata"]["labels"].items())
+        (svc_port,) = svc["spec"]["ports"]
+        assert svc_port["targetPort"] == "metrics"
+        assert any(p["name"] == "metrics" for p in container["ports"])
+        sm = _one(docs, "ServiceMonitor")
+        assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+        assert set(sm["spec"]["selector"]["matchLabels"].items()) <= set(svc["metadata"]["labels"].items())
+        assert sm["spec"]["namespaceSelector"] == {"matchNames": ["ops"]}
+        (endpoint,) = sm["spec"]["endpoints"]
+        assert endpoint["port"] == svc_port["name"] and endpoint["path"] == "/metrics"
+        sm_values = values["metrics"]["serviceMonitor"]
+        assert endpoint["honorLabels"] is sm_values.get("honorLabels", True)
+        assert sm["metadata"]["namespace"] == sm_values.get("namespace", "ops")
+        for key, value in (sm_values.get("labels") or {}).items():
+            assert sm["metadata"]["labels"][key] == value
+    else:
+        assert not _objects(docs, "Service") and not _objects(docs, "ServiceMonitor")
+
+    rule_values = values.get("prometheusRule") or {}
+    if rule_values.get("enabled"):
+        rule = _one(docs, "PrometheusRule")
+        (group,) = rule["spec"]["groups"]
+        alerts = {r["alert"]: r for r in group["rules"] if "alert" in r}
+        expected = {"MailSelfcheckFailing", "MailSelfcheckNoRecentSuccess", "MailSelfcheckSlowReception"}
+        if service_on and rule_values.get("operatorDown", {}).get("enabled", True):
+            expected.add("MailSelfcheckOperatorDown")
+            svc_name = _one(docs, "Service")["metadata"]["name"]
+            assert f'job="{svc_name}"' in alerts["MailSelfcheckOperatorDown"]["expr"]
+        assert set(alerts) == expected
+        for r in group["rules"]:
+            names = _metric_names_in(r["expr"])
+            assert names <= exposed, f"{r.get('alert') or r.get('record')}: unknown series {names - exposed}"
+            if "alert" in r:
+                assert r["labels"]["severity"] and r["annotations"]["summary"] and r["annotations"]["description"]
+                for key, value in (rule_values.get("alertLabels") or {}).items():
+                    assert r["labels"][key] == value
+        failing = rule_values.get("failing", {})
+        assert alerts["MailSelfcheckFailing"]["expr"] == (
+            f"mail_selfcheck_consecutive_failures >= {failing.get('consecutiveFailures', 3)}")
+        assert alerts["MailSelfcheckNoRecentSuccess"]["expr"] == (
+            f"time() - mail_selfcheck_last_success_timestamp_seconds > {rule_values.get('noSuccess', {}).get('seconds', 1200)}")
+        slow = rule_values.get("slowReception", {})
+        assert alerts["MailSelfcheckSlowReception"]["expr"] == (
+            f"mail_selfcheck_last_reception_time_seconds > {slow.get('thresholdSeconds', 60)}")
+        assert alerts["MailSelfcheckSlowReception"]["for"] == slow.get("for", "15m")
+        if rule_values.get("additionalRules"):
+            assert group["rules"][-1] == rule_values["additionalRules"][-1]
+    else:
+        assert not _objects(docs, "PrometheusRule")
+
+    if (values.get("grafanaDashboard") or {}).get("enabled"):
+        cm = _one(docs, "ConfigMap")
+        for key, value in (values["grafanaDashboard"].get("labels") or {"grafana_dashboard": "1"}).items():
+            assert cm["metadata"]["labels"][key] == value
+        dashboard = json.loads(cm["data"]["mail-selfcheck.json"])
+        assert dashboard["uid"] == "mail-selfcheck" and dashboard["panels"]
+        for panel in dashboard["panels"]:
+            for target in panel["targets"]:
+                names = _metric_names_in(target["expr"])
+                assert names and names <= exposed, f"panel {panel['title']!r}: {names - exposed}"
+
+    if (values.get("sample") or {}).get("enabled"):
+        from mail_selfcheck.models.spec import MailSelfcheckSpec
+
+        sample = _one(docs, "MailSelfcheck")
+        assert sample["apiVersion"] == f"{GROUP}/v1alpha1"
+        assert sample["metadata"]["namespace"] == values["sample"].get("namespace", "ops")
+        MailSelfcheckSpec.model_validate(sample["spec"])
+
+    if name == "everything-set":
+        assert deploy["metadata"]["name"] == "msc"
+        assert container["image"] == "registry.local/msc@sha256:" + "a" * 64
+        assert container["imagePullPolicy"] == "Always"
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["MAIL_SELFCHECK_PROBE_IMAGE"] == "registry.local/msc-probe:1" and env["TZ"] == "UTC"
+        assert "--verbose" in container["args"] and container["args"][-1] == "--all-namespaces"
+        assert pod["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+        assert pod["spec"]["priorityClassName"] == "system-cluster-critical"
+        assert pod["spec"]["tolerations"] == [{"key": "mail", "operator": "Exists"}]
+        assert pod["metadata"]["labels"]["e"] == "f" and pod["metadata"]["annotations"] == {"c": "d"}
+        assert container["livenessProbe"]["httpGet"]["port"] == "health"
+        assert {"name": "health", "containerPort": 8081, "protocol": "TCP"} in container["ports"]
+    if name == "existing-service-account":
+        assert not _objects(docs, "ServiceAccount")
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("args, message", [
+    (["--set", "operator.metricsPort=nine"], "at '/operator/metricsPort': got string, want integer"),
+    (["--set-json", 'watchNamespaces="ops"'], "at '/watchNamespaces': got string, want array"),
+    (["--set", "rbac.create=maybe"], "at '/rbac/create': got string, want boolean"),
+    (["--set", "replicas=2"], "additional properties 'replicas' not allowed"),
+    (["--set", "image.pullPolicy=Sometimes"], "at '/image/pullPolicy': value must be one of"),
+])
+def test_wrong_value_fails_install_with_schema_message(control_plane, k8s_namespace, args, message):
+    release = f"bad-{uuid.uuid4().hex[:6]}"
+    out = control_plane.helm("install", release, str(CHART), "-n", k8s_namespace, *args, check=False)
+    assert out.returncode != 0
+    assert "values don't meet the specifications of the schema" in out.stderr, out.stderr
+    assert message in out.stderr, out.stderr
+    assert control_plane.helm("status", release, "-n", k8s_namespace, check=False).returncode != 0
+
+
+# ----------------------------------------------------------------------------- install on the API server
+
+
+def _can_i(cp, sa: str, verb: str, resource: str, namespace: str | None) -> bool:
+    args = ["auth", "can-i", verb, resource, f"--as={sa}"]
+    args += ["-n", namespace] if namespace else ["--all-namespaces"]
+    out = cp.kubectl(*args, check=False)
+    assert out.stdout.strip() in ("yes", "no"), f"kubectl {' '.join(args)}: {out.stdout} {out.stderr}"
+    return out.stdout.strip() == "yes"
+
+
+def _assert_operator_permissions(cp, sa: str, namespace: str) -> None:
+    allowed = [("patch", f"mailselfchecks.{GROUP}/status"), ("patch", f"mailselfchecks.{GROUP}"),
+               ("watch", f"mailselfchecks.{GROUP}"), ("list", f"mailselfchecks.{GROUP}"),
+               ("create", "jobs.batch"), ("delete", "jobs.batch"), ("watch", "jobs.batch"),
+               ("list", "pods"), ("get", "pods"), ("create", "events")]
+    denied = [("get", "secrets"), ("list", "secrets"), ("watch", "secrets"), ("create", "pods"),
+              ("delete", "pods"), ("create", f"mailselfchecks.{GROUP}"), ("delete", f"mailselfchecks.{GROUP}"),
+              ("update", "jobs.batch"), ("get", "configmaps"), ("create", "serviceaccounts/token"),
+              ("update", "deployments.apps")]
+    wrong = [f"{v} {r}: expected yes" for v, r in allowed if not _can_i(cp, sa, v, r, namespace)]
+    wrong += [f"{v} {r}: expected no" for v, r in denied if _can_i(cp, sa, v, r, namespace)]
+    assert not wrong, f"{sa} in {namespace}: {wrong}"
+
+
+def _manifest_objects(cp, release: str, namespace: str) -> list[dict[str, Any]]:
+    out = cp.helm("get", "manifest", release, "-n", namespace)
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def _exists(cp, obj: dict[str, Any], namespace: str) -> bool:
+    kind = obj["kind"] if obj["apiVersion"] in ("v1",) else f"{obj['kind']}.{obj['apiVersion'].split('/')[0]}"
+    ns = obj["metadata"].get("namespace") or namespace
+    out = cp.kubectl("get", kind, obj["metadata"]["name"], "-n", ns, "-o", "name", check=False)
+    return out.returncode == 0
+
+
+@pytest.mark.cluster
+def test_install_upgrade_uninstall(control_plane, k8s_namespace, tmp_path):
+    """Cluster-wide install, upgrade to a namespaced install, uninstall: every object accepted."""
+    cp, ns = control_plane, k8s_namespace
+    release = f"sc-{uuid.uuid4().hex[:6]}"
+    fullname = f"{release}-selfcheck"
+    sa = f"system:serviceaccount:{ns}:{fullname}"
+    values = {"sample": {"enabled": True}, "metrics": {"service": {"enabled": True}},
+              "grafanaDashboard": {"enabled": True}}
+    try:
+        t0 = time.monotonic()
+        out = cp.helm("install", release, str(CHART), "-n", ns, "-f", str(_values_file(tmp_path, "install", values)))
+        install_s = time.monotonic() - t0
+        assert "STATUS: deployed" in out.stdout, out.stdout
+        assert "cluster-wide install" in out.stdout  # NOTES.txt
+        crd = json.loads(cp.kubectl("get", "crd", f"mailselfchecks.{GROUP}", "-o", "json").stdout)
+        assert any(c["type"] == "Established" and c["status"] == "True" for c in crd["status"]["conditions"])
+        objects = _manifest_objects(cp, release, ns)
+        assert {o["kind"] for o in objects} == {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment",
+                                                "Service", "ConfigMap", "MailSelfcheck"}
+        missing = [f"{o['kind']}/{o['metadata']['name']}" for o in objects if not _exists(cp, o, ns)]
+        assert not missing, f"not in the API server after install: {missing}"
+        deploy = json.loads(cp.kubectl("-n", ns, "get", "deploy", fullname, "-o", "json").stdout)
+        assert deploy["spec"]["strategy"]["type"] == "Recreate"
+
+        # Cluster-wide: the same permissions in the release namespace and in any other.
+        _assert_operator_permissions(cp, sa, ns)
+        _assert_operator_permissions(cp, sa, "default")
+        assert _can_i(cp, sa, "list", "customresourcedefinitions.apiextensions.k8s.io", None)
+        assert not _can_i(cp, sa, "list", "secrets", None)
+        assert not _can_i(cp, sa, "create", "customresourcedefinitions.apiextensions.k8s.io", None)
+        # Aggregation: namespace `view` users read MailSelfchecks, `edit` users create them.
+        assert _wait_until(lambda: "mailselfchecks" in cp.kubectl("get", "clusterrole", "edit", "-o", "json").stdout,
+                           30, "aggregation of the edit ClusterRole")
+
+        # Upgrade: cluster-wide -> namespaced (Role in the release namespace only).
+        t0 = time.monotonic()
+        out = cp.helm("upgrade", release, str(CHART), "-n", ns, "--reuse-values",
+                      "--set-json", 'watchNamespaces=["{{ .Release.Namespace }}"]', "--set", "operator.verbose=true")
+        upgrade_s = time.monotonic() - t0
+        assert "REVISION: 2" in out.stdout and f"It watches MailSelfchecks in: {ns}" in out.stdout
+        args = json.loads(cp.kubectl("-n", ns, "get", "deploy", fullname, "-o", "json").stdout)[
+            "spec"]["template"]["spec"]["containers"][0]["args"]
+        assert f"--namespace={ns}" in args and "--verbose" in args
+        assert cp.kubectl("get", "clusterrole", fullname, check=False).returncode != 0, "old ClusterRole kept"
+        cp.kubectl("-n", ns, "get", "role", fullname)
+        cp.kubectl("get", "clusterrole", f"{fullname}-discovery")
+        _assert_operator_permissions(cp, sa, ns)
+        assert not _can_i(cp, sa, "create", "jobs.batch", "default")
+        assert not _can_i(cp, sa, "patch", f"mailselfchecks.{GROUP}/status", "default")
+        assert _can_i(cp, sa, "watch", "namespaces", None)
+        objects = _manifest_objects(cp, release, ns)
+        missing = [f"{o['kind']}/{o['metadata']['name']}" for o in objects if not _exists(cp, o, ns)]
+        assert not missing, f"not in the API server after upgrade: {missing}"
+
+        t0 = time.monotonic()
+        cp.helm("uninstall", release, "-n", ns, "--wait")
+        uninstall_s = time.monotonic() - t0
+        release = ""
+        left = [f"{o['kind']}/{o['metadata']['name']}" for o in objects if _exists(cp, o, ns)]
+        assert not left, f"left after uninstall: {left}"
+        assert cp.kubectl("get", "crd", f"mailselfchecks.{GROUP}", check=False).returncode == 0, (
+            "Helm keeps CRDs from crds/ on uninstall")
+        print(f"helm install {install_s:.1f}s, upgrade {upgrade_s:.1f}s, uninstall {uninstall_s:.1f}s")
+    finally:
+        if release:
+            cp.helm("uninstall", release, "-n", ns, check=False)
+
+
+# ----------------------------------------------------------------------------- the real operator with the chart's RBAC
+
+
+def _service_account_kubeconfig(cp, namespace: str, sa: str, path: Path) -> Path:
+    token = cp.kubectl("-n", namespace, "create", "token", sa, "--duration=20m").stdout.strip()
+    admin = yaml.safe_load(cp.kubeconfig.read_text())
+    cluster = dict(admin["clusters"][0]["cluster"])
+    if "certificate-authority" in cluster:
+        ca = Path(cluster.pop("certificate-authority"))
+        if not ca.is_absolute():
+            ca = cp.kubeconfig.parent / ca
+        cluster["certificate-authority-data"] = base64.b64encode(ca.read_bytes()).decode()
+    config = {
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{"name": "cp", "cluster": cluster}],
+        "users": [{"name": sa, "user": {"token": token}}],
+        "contexts": [{"name": "sa", "context": {"cluster": "cp", "user": sa, "namespace": namespace}}],
+        "current-context": "sa",
+    }
+    path.write_text(yaml.safe_dump(config))
+    path.chmod(0o600)
+    return path
+
+
+def _http_status(url: str) -> int | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status
+    except (urllib.error.URLError, OSError):
+        return None
+
+
+FORBIDDEN = re.compile(r"[Ff]orbidden|Not enough permissions|HTTP 403|status.{0,3}403|"
+                       r"cannot (list|watch|get|patch|create|delete) resource")
+
+
+@pytest.mark.cluster
+def test_operator_reconciles_with_chart_rbac(control_plane, k8s_namespace, tmp_path):
+    """The real operator, as the chart's ServiceAccount of a namespaced install, runs a check end
+    to end without a single permission error in its log.
+
+    The process runs the rendered Deployment's own ``command`` + ``args`` + ``env`` (only the
+    ports are chosen free), so the chart's command line, liveness endpoint and metrics port are
+    exercised too.
+
+    (With ``rbac.clusterDiscovery=false`` kopf retries its cluster-scoped Namespace/CRD listing
+    9 times, logging ERRORs, and falls back after ~55 s; measured, not part of the tier.)
+    """
+    cp, ns = control_plane, k8s_namespace
+    release = f"sc-{uuid.uuid4().hex[:6]}"
+    fullname = f"{release}-selfcheck"
+    health_port, metrics_port = free_port(), free_port()
+    cp.helm("install", release, str(CHART), "-n", ns, "--set-json", 'watchNamespaces=["{{ .Release.Namespace }}"]',
+            "--set", f"operator.healthPort={health_port}", "--set", f"operator.metricsPort={metrics_port}",
+            "--set", "operator.verbose=true")
+    (deploy,) = [o for o in _manifest_objects(cp, release, ns) if o["kind"] == "Deployment"]
+    container = deploy["spec"]["template"]["spec"]["containers"][0]
+    kubeconfig = _service_account_kubeconfig(cp, ns, fullname, tmp_path / "sa.kubeconfig")
+    whoami = subprocess.run([str(cp.kubectl_bin), f"--kubeconfig={kubeconfig}", "auth", "whoami", "-o", "json"],
+                            capture_output=True, text=True, timeout=30)
+    assert f"system:serviceaccount:{ns}:{fullname}" in whoami.stdout, whoami.stderr
+
+    cp.kubectl("-n", ns, "create", "secret", "generic", "creds",
+               "--from-literal=secret=s3cr3t-probe", "--from-literal=imap-password=imap-pw")
+    result = json.dumps({"success": True, "send_time": 0.05, "reception_time": 0.4})
+    selfcheck = {
+        "apiVersion": f"{GROUP}/v1alpha1", "kind": "MailSelfcheck",
+        "metadata": {"name": "rbac", "namespace": ns},
+        "spec": {
+            "from": "probe@example.test", "to": "probe@example.test", "interval": 3600, "timeout": 10,
+            "smtp": {"host": "127.0.0.1", "port": 2525, "security": "plain"},
+            "imap": {"host": "127.0.0.1", "security": "plain", "passwordSecretRef": {"name": "creds", "key": "imap-password"}},
+            "secretRef": {"name": "creds", "key": "secret"},
+            # The benchmark's trick: a trivial probe that writes a fixed result (this test is about RBAC).
+            "job": {"command": [sys.executable, "-c", "import sys; open(sys.argv[1], 'w').write(sys.argv[2])",
+                                "/dev/termination-log", result]},
+        },
+    }
+    log_path = tmp_path / "operator.log"
+    env = {**os.environ, **{e["name"]: e["value"] for e in container["env"]}, "KUBECONFIG": str(kubeconfig)}
+    env.pop("KUBERNETES_SERVICE_HOST", None)
+    assert container["command"] == ["mail-selfcheck"]
+    argv = [str(Path(sys.executable).parent / "mail-selfcheck"), *container["args"]]
+    assert f"--namespace={ns}" in argv
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    try:
+        # The liveness probe's endpoint answers (kopf's /healthz on the chart's health port).
+        _wait_until(lambda: proc.poll() is not None or _http_status(f"http://127.0.0.1:{health_port}/healthz") == 200,
+                    30, "kopf's /healthz on the chart's health port")
+        assert proc.poll() is None, f"operator exited:\n{log_path.read_text()[-3000:]}"
+        t0 = time.monotonic()
+        cp.kubectl("apply", "-f", "-", input=json.dumps(selfcheck))
+
+        def status():
+            out = cp.kubectl("-n", ns, "get", "mailselfcheck", "rbac", "-o", "json", check=False)
+            return (json.loads(out.stdout).get("status") or {}) if out.returncode == 0 else {}
+
+        st = _wait_until(lambda: proc.poll() is None and status().get("success") is not None and status(),
+                         90, f"a harvested result (operator log tail: {log_path.read_text()[-1500:]})")
+        check_s = time.monotonic() - t0
+        assert st["success"] is True, st
+        assert st["receptionTime"] == 0.4 and st["consecutiveFailures"] == 0
+        jobs = json.loads(cp.kubectl("-n", ns, "get", "jobs", "-o", "json").stdout)["items"]
+        assert len(jobs) == 1 and jobs[0]["metadata"]["ownerReferences"][0]["name"] == "rbac"
+        assert jobs[0]["spec"]["template"]["spec"]["containers"][0]["image"] == env["MAIL_SELFCHECK_PROBE_IMAGE"]
+        job_text = json.dumps(jobs[0])
+        assert "s3cr3t-probe" not in job_text and "imap-pw" not in job_text
+        events = json.loads(cp.kubectl("-n", ns, "get", "events", "-o", "json").stdout)["items"]
+        assert any(e.get("reason") == "CheckSucceeded" and e["involvedObject"]["name"] == "rbac" for e in events), (
+            "the operator could not post its transition Event")
+
+        # The chart's metrics port serves the resource's series.
+        scrape = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        success = [line for line in scrape.splitlines() if line.startswith("mail_selfcheck_success{")
+                   and 'name="rbac"' in line and f'namespace="{ns}"' in line]
+        assert success and success[0].endswith(" 1.0"), scrape[-2000:]
+
+        # History limit 0 + run-now: a second check, then the operator deletes finished Jobs
+        # (jobs delete) and removes the run-now annotation (mailselfchecks patch).
+        cp.kubectl("-n", ns, "patch", "mailselfcheck", "rbac", "--type=merge",
+                   "-p", json.dumps({"spec": {"successfulJobsHistoryLimit": 0}}))
+        cp.kubectl("-n", ns, "annotate", "mailselfcheck", "rbac", f"{GROUP}/run-now=1")
+        _wait_until(lambda: len(status().get("history") or []) >= 2, 60, "the run-now check")
+        _wait_until(lambda: not json.loads(cp.kubectl("-n", ns, "get", "jobs", "-o", "json").stdout)["items"],
+                    30, "the operator to delete Jobs beyond the history limit")
+        annotations = json.loads(cp.kubectl("-n", ns, "get", "mailselfcheck", "rbac", "-o", "json").stdout)[
+            "metadata"].get("annotations") or {}
+        assert f"{GROUP}/run-now" not in annotations
+
+        # Deletion: the operator (as the ServiceAccount) removes its finalizer.
+        cp.kubectl("-n", ns, "delete", "mailselfcheck", "rbac", "--wait=true", timeout=60)
+        assert proc.poll() is None
+        log = log_path.read_text()
+        denied = [line for line in log.splitlines() if FORBIDDEN.search(line)]
+        assert not denied, "permission errors in the operator log:\n" + "\n".join(denied[:20])
+        print(f"operator as {fullname}: first result {check_s:.1f}s after apply")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        cp.helm("uninstall", release, "-n", ns, check=False)
