@@ -28,6 +28,7 @@ import re
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 import urllib.error
 import urllib.request
@@ -482,8 +483,14 @@ def test_install_upgrade_uninstall(control_plane, k8s_namespace, tmp_path):
     values = {"sample": {"enabled": True}, "metrics": {"service": {"enabled": True}},
               "grafanaDashboard": {"enabled": True}}
     try:
+        # Install the packaged chart (what users get): the CRD copy and the dashboard must be in it.
+        cp.helm("package", str(CHART), "-d", str(tmp_path))
+        (package,) = tmp_path.glob("selfcheck-*.tgz")
+        with tarfile.open(package) as tar:
+            assert {"selfcheck/crds/mailselfchecks.yaml", "selfcheck/dashboards/mail-selfcheck.json",
+                    "selfcheck/values.schema.json"} <= set(tar.getnames())
         t0 = time.monotonic()
-        out = cp.helm("install", release, str(CHART), "-n", ns, "-f", str(_values_file(tmp_path, "install", values)))
+        out = cp.helm("install", release, str(package), "-n", ns, "-f", str(_values_file(tmp_path, "install", values)))
         install_s = time.monotonic() - t0
         assert "STATUS: deployed" in out.stdout, out.stdout
         assert "cluster-wide install" in out.stdout  # NOTES.txt
