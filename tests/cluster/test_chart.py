@@ -214,15 +214,15 @@ def _check_common(docs: list[dict[str, Any]], values: dict[str, Any]) -> None:
                     assert "*" not in rule[field], (role["metadata"]["name"], rule)
                 assert not {"secrets", "serviceaccounts/token", "pods/exec"} & set(rule["resources"]), rule
                 assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"]), rule
+    sa_values = values.get("serviceAccount") or {}
+    sa_name = _one(docs, "ServiceAccount")["metadata"]["name"] if sa_values.get("create", True) else sa_values["name"]
+    assert pod["serviceAccountName"] == sa_name
     if (values.get("rbac") or {}).get("create", True):
-        sa_name = _one(docs, "ServiceAccount")["metadata"]["name"] if values.get("serviceAccount", {}).get("create", True) else None
-        assert pod["serviceAccountName"] == sa_name
         for kind in ("RoleBinding", "ClusterRoleBinding"):
             for binding in _objects(docs, kind):
                 assert binding["subjects"] == [{"kind": "ServiceAccount", "name": sa_name, "namespace": "ops"}]
     else:
         assert not _objects(docs, "Role") and not _objects(docs, "ClusterRoleBinding")
-        assert pod["serviceAccountName"] == values["serviceAccount"]["name"]
 
 
 # ----------------------------------------------------------------------------- pure checks
