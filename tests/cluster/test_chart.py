@@ -21,7 +21,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
@@ -551,27 +550,6 @@ def test_install_upgrade_uninstall(control_plane, k8s_namespace, tmp_path):
 # ----------------------------------------------------------------------------- the real operator with the chart's RBAC
 
 
-def _service_account_kubeconfig(cp, namespace: str, sa: str, path: Path) -> Path:
-    token = cp.kubectl("-n", namespace, "create", "token", sa, "--duration=20m").stdout.strip()
-    admin = yaml.safe_load(cp.kubeconfig.read_text())
-    cluster = dict(admin["clusters"][0]["cluster"])
-    if "certificate-authority" in cluster:
-        ca = Path(cluster.pop("certificate-authority"))
-        if not ca.is_absolute():
-            ca = cp.kubeconfig.parent / ca
-        cluster["certificate-authority-data"] = base64.b64encode(ca.read_bytes()).decode()
-    config = {
-        "apiVersion": "v1", "kind": "Config",
-        "clusters": [{"name": "cp", "cluster": cluster}],
-        "users": [{"name": sa, "user": {"token": token}}],
-        "contexts": [{"name": "sa", "context": {"cluster": "cp", "user": sa, "namespace": namespace}}],
-        "current-context": "sa",
-    }
-    path.write_text(yaml.safe_dump(config))
-    path.chmod(0o600)
-    return path
-
-
 def _http_status(url: str) -> int | None:
     try:
         with urllib.request.urlopen(url, timeout=2) as resp:
@@ -605,7 +583,7 @@ def test_operator_reconciles_with_chart_rbac(control_plane, k8s_namespace, tmp_p
             "--set", "operator.verbose=true")
     (deploy,) = [o for o in _manifest_objects(cp, release, ns) if o["kind"] == "Deployment"]
     container = deploy["spec"]["template"]["spec"]["containers"][0]
-    kubeconfig = _service_account_kubeconfig(cp, ns, fullname, tmp_path / "sa.kubeconfig")
+    kubeconfig = cp.service_account_kubeconfig(ns, fullname, tmp_path / "sa.kubeconfig", duration="20m")
     whoami = subprocess.run([str(cp.kubectl_bin), f"--kubeconfig={kubeconfig}", "auth", "whoami", "-o", "json"],
                             capture_output=True, text=True, timeout=30)
     assert f"system:serviceaccount:{ns}:{fullname}" in whoami.stdout, whoami.stderr

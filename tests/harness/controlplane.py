@@ -750,6 +750,36 @@ class ControlPlane:
             raise CommandError(proc.returncode, proc.args, proc.stdout, proc.stderr)
         return proc
 
+    def service_account_kubeconfig(self, namespace: str, service_account: str, path: Path,
+                                   duration: str = "1h") -> Path:
+        """Write a kubeconfig at ``path`` that authenticates as ``namespace/service_account``
+        with a TokenRequest token (``kubectl create token``), so a process on the host runs
+        with exactly that ServiceAccount's RBAC. Returns ``path`` (mode 0600)."""
+        import base64
+
+        import yaml
+
+        token = self.kubectl("-n", namespace, "create", "token", service_account,
+                             f"--duration={duration}").stdout.strip()
+        admin = yaml.safe_load(self.kubeconfig.read_text())
+        cluster = dict(admin["clusters"][0]["cluster"])
+        if "certificate-authority" in cluster:
+            ca = Path(cluster.pop("certificate-authority"))
+            if not ca.is_absolute():
+                ca = self.kubeconfig.parent / ca
+            cluster["certificate-authority-data"] = base64.b64encode(ca.read_bytes()).decode()
+        config = {
+            "apiVersion": "v1", "kind": "Config",
+            "clusters": [{"name": "local", "cluster": cluster}],
+            "users": [{"name": service_account, "user": {"token": token}}],
+            "contexts": [{"name": "sa", "context": {"cluster": "local", "user": service_account,
+                                                    "namespace": namespace}}],
+            "current-context": "sa",
+        }
+        path.write_text(yaml.safe_dump(config))
+        path.chmod(0o600)
+        return path
+
     def api_client(self):
         """A new ``kubernetes.client.ApiClient`` authenticated as the admin."""
         from kubernetes import config
