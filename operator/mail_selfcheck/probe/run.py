@@ -59,7 +59,7 @@ def run_probe(settings: ProbeSettings) -> ProbeResult:
         message = build_message(settings.from_address, settings.to_address, token, nonce)
         fields["message_id"] = message.message_id
         sent = smtp.send(settings, message, deadline)
-        fields.update(send_time=round(sent.send_time, 6), smtp_reply=sent.reply, sent_at=sent.sent_at_epoch)
+        fields.update(send_time=round(sent.send_time, 3), smtp_reply=sent.reply, sent_at=sent.sent_at_epoch)
         log.debug("message_sent", send_time=sent.send_time, attempts=sent.attempts, reply=sent.reply, nonce=nonce[:8])
         found = mailbox.wait_for(nonce, deadline)
         fields["folder"] = found.folder
@@ -70,7 +70,7 @@ def run_probe(settings: ProbeSettings) -> ProbeResult:
                 f"delivered to junk: the message arrived in {found.folder!r} instead of {mailbox.folder!r} "
                 f"after {waited:.3f} seconds",
             )
-        fields["reception_time"] = round(waited, 6)
+        fields["reception_time"] = round(waited, 3)
         log.debug("message_received", folder=found.folder, uid=found.uid, reception_time=waited)
         raw = mailbox.fetch(found)
         try:
@@ -94,7 +94,7 @@ def run_probe(settings: ProbeSettings) -> ProbeResult:
         fields.update(error=f"internal error: {type(exc).__name__}: {exc}", error_class="internal")
     finally:
         fields["cleanup_warning"] = _cleanup(settings, mailbox, nonce, secret, sent is not None)
-    fields["duration"] = round(time.monotonic() - started, 6)
+    fields["duration"] = round(time.monotonic() - started, 3)
     secrets = settings.secret_values() + [token]
     for key in ("error", "smtp_reply", "cleanup_warning"):
         fields[key] = redact(fields.get(key), secrets)
