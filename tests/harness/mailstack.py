@@ -63,9 +63,11 @@ Control API (all raise ``MailStackError`` with the relevant log tail on failure)
 * ``start()`` / ``stop()`` (idempotent; ``stop`` never raises and kills by PID).
 * ``stop_dovecot()`` / ``start_dovecot()``, ``stop_postfix()`` / ``start_postfix()``.
 * ``set_password(user, password)``: rewrites the passwd-file; effective for the next login
-  (IMAP and SMTP AUTH; no auth cache). ``reset_passwords()`` restores the initial ones.
+  (IMAP and SMTP AUTH; no auth cache). Takes up to 1 s (waits for the next second of
+  Dovecot's clock, as Dovecot re-reads the file at most once a second).
+  ``reset_passwords()`` restores the initial ones (same cost, only if one changed).
 * ``messages(user, folder="INBOX") -> list[Path]``: Maildir files in ``cur`` + ``new``.
-* ``clear_mailboxes()``: deletes every message of every user (Maildir files).
+* ``clear_mailboxes()``: deletes every message of every user (``doveadm expunge``).
 * ``mail_queue() -> list[dict]``: ``postqueue -j`` records (keys ``queue_name`` in
   ``active|deferred|hold|incoming|maildrop``, ``queue_id``, ``sender``, ``recipients`` ...).
 * ``flush_queue()``: deletes every queued message (``postsuper -d ALL``).
@@ -91,6 +93,7 @@ import dataclasses
 import grp
 import datetime as _dt
 import json
+import math
 import os
 import pathlib
 import pwd
@@ -411,6 +414,10 @@ class MailStack:
         self._pw_stamp = max(int(time.time()), self._pw_stamp + 1)
         os.utime(tmp, (self._pw_stamp, self._pw_stamp))
         os.replace(tmp, self.passwd_file)
+        if self.dovecot_running():
+            # Dovecot stats the passwd-file at most once per (whole) second of its clock:
+            # wait for the next second so that the very next login sees the new file.
+            time.sleep(max(0.0, math.floor(time.time()) + 1.02 - time.time()))
 
     def _write_dovecot(self) -> None:
         uid, gid = self._mail_pw.pw_uid, self._mail_pw.pw_gid
@@ -851,7 +858,8 @@ class MailStack:
 
     def set_password(self, user: str, password: str) -> None:
         """Set ``user``'s (short name or address) password for IMAP and SMTP AUTH;
-        effective for the next login."""
+        effective for the next login (returns after <= 1 s: Dovecot re-reads the
+        passwd-file at most once per second)."""
         n = self._short(user)
         self.users[n] = dataclasses.replace(self.users[n], password=password)
         self._write_passwd()
@@ -893,16 +901,15 @@ class MailStack:
         return msgs
 
     def clear_mailboxes(self) -> None:
-        """Delete every message file of every user and folder (Dovecot resyncs itself)."""
+        """Delete every message of every user and folder. With Dovecot running this is
+        ``doveadm expunge -A mailbox '*' all`` (indexes stay consistent, ~30 ms); with it
+        stopped, the users' Maildirs are removed (recreated on the next delivery/login)."""
+        if self.dovecot_running():
+            self._run(["doveadm", "-c", str(self.dv_conf), "expunge", "-A", "mailbox", "*",
+                       "all"], "doveadm expunge")
+            return
         for n in self.users:
-            md = self.maildir(n)
-            if not md.is_dir():
-                continue
-            for d in [md, *[p for p in md.iterdir() if p.name.startswith(".") and p.is_dir()]]:
-                for sub in ("new", "cur", "tmp"):
-                    if (d / sub).is_dir():
-                        for f in (d / sub).iterdir():
-                            f.unlink(missing_ok=True)
+            shutil.rmtree(self.maildir(n), ignore_errors=True)
 
     _SAVED_RE = re.compile(
         r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\.(\d{6}) lmtp\(([^)]*)\).*?"
