@@ -150,6 +150,27 @@ def _wait_port(port: int, timeout: float) -> bool:
     return False
 
 
+def _imap_greeting(port: int, timeout: float = 2.0) -> bool:
+    """True if an IMAP server on ``port`` sends its ``* OK`` greeting within ``timeout`` s."""
+    try:
+        with socket.create_connection((HOST, port), timeout=timeout) as s:
+            s.settimeout(timeout)
+            data = b""
+            while b"\n" not in data:
+                chunk = s.recv(1024)
+                if not chunk:
+                    return False
+                data += chunk
+            ok = data.startswith(b"* OK")
+            if ok:
+                s.sendall(b"a LOGOUT\r\n")
+                with contextlib.suppress(OSError):
+                    s.recv(1024)
+            return ok
+    except OSError:
+        return False
+
+
 def _port_closed(port: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -500,11 +521,17 @@ class MailStack:
                 port = {self.imaps_port}
                 ssl = yes
               }}
-              process_min_avail = 1
             }}
             service lmtp {{
               unix_listener lmtp {{
                 mode = 0666
+              }}
+            }}
+            # No anvil "auth penalty" (2..15 s extra delay per failed login from one IP):
+            # tests make many deliberate failures from 127.0.0.1. mode 0 = no listener.
+            service anvil {{
+              unix_listener anvil-auth-penalty {{
+                mode = 0
               }}
             }}
             service auth {{
@@ -743,7 +770,10 @@ class MailStack:
         while time.monotonic() < deadline:
             if self._dovecot.poll() is not None:
                 break
-            if all(p.exists() for p in socks) and _wait_port(self.imap_port, 0.05) \
+            # Ready = sockets exist and imap-login sends its greeting (it only does once it
+            # has a connection to the auth process); a bare TCP connect is not enough and
+            # leaves imap-login blocked on auth, which makes a later shutdown take 5 s.
+            if all(p.exists() for p in socks) and _imap_greeting(self.imap_port) \
                     and _wait_port(self.imaps_port, 0.05):
                 return
             time.sleep(0.02)
