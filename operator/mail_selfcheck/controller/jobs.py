@@ -51,8 +51,11 @@ ANNOTATION_SLOT = f"{GROUP}/schedule-time"
 #: Pod retries before the Job fails (the probe reports failures as results, exit 0; a
 #: non-zero exit is a crash, worth one retry at most).
 BACKOFF_LIMIT = 1
-#: Seconds added to the probe timeout for ``activeDeadlineSeconds`` (process start-up, result write).
-DEADLINE_MARGIN = 15
+#: Seconds added to the probe timeout for ``activeDeadlineSeconds``. The probe reaches its
+#: verdict within ``timeout``, cleans up within 10 s more (its own watchdog ends it at
+#: ``timeout + 15``) and then posts the webhook (10 s timeout): 30 s covers all of it, so the
+#: deadline only ends a probe that hangs.
+DEADLINE_MARGIN = 30
 #: Lower bound of ``ttlSecondsAfterFinished`` (seconds); history limits normally delete earlier.
 MIN_TTL = 3600
 #: Error class of a check whose Job ended without a probe result.

@@ -22,7 +22,7 @@ from .run import CLEANUP_BUDGET, run_probe
 
 EXIT_OK = 0
 EXIT_CONFIG = 2
-WATCHDOG_GRACE = CLEANUP_BUDGET + 20.0  # seconds beyond `timeout` before the watchdog ends the process
+WATCHDOG_GRACE = 2 * CLEANUP_BUDGET + 5.0  # seconds beyond `timeout` before the watchdog ends the run
 
 log = structlog.get_logger("mail_selfcheck.probe")
 
