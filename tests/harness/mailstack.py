@@ -88,6 +88,7 @@ Control API (all raise ``MailStackError`` with the relevant log tail on failure)
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import dataclasses
 import grp
@@ -274,6 +275,7 @@ class MailStack:
         self._pg_log_mark = 0
         self._pw_stamp = 0
         self._configured = False
+        self._atexit = False
         self.started = False
         self.startup_seconds: float | None = None
 
@@ -316,6 +318,10 @@ class MailStack:
             raise
         self.started = True
         self.startup_seconds = time.monotonic() - t0
+        if not self._atexit:
+            # Safety net if the owner never calls stop() (e.g. an exception in a script).
+            atexit.register(self.stop)
+            self._atexit = True
         return self
 
     def stop(self, _remove: bool = True) -> None:
@@ -333,7 +339,9 @@ class MailStack:
     def logs(self, lines: int = 60) -> str:
         """Tails (``lines`` each) of the Postfix, Dovecot and postgrey logs, as one string."""
         parts = []
-        for p in (self.postfix_log, self.dovecot_log, self.postgrey_log):
+        stderr = self.log_dir / "dovecot.stderr"
+        extra = [stderr] if stderr.exists() and stderr.stat().st_size else []
+        for p in (self.postfix_log, self.dovecot_log, self.postgrey_log, *extra):
             parts.append(f"----- {p} (last {lines} lines) -----\n{_tail(p, lines)}")
         return "\n".join(parts)
 
