@@ -12,7 +12,7 @@ Quick use::
 
     from tests.harness.mailstack import MailStack
 
-    with MailStack() as stack:                     # starts in ~1-2 s, stops on exit
+    with MailStack() as stack:                     # starts in ~0.3 s, stops in ~1.2 s
         env = stack.probe_env()                    # sender -> receiver, STARTTLS / IMAPS
         ...                                        # run the probe with env
         stack.messages("receiver")                 # -> [Path, ...] Maildir files in INBOX
@@ -55,13 +55,23 @@ Users: ``stack.users`` maps short name -> ``User(address, password)``; every add
   (the probe's HTML line) with ``<p>Selfcheck token: <code>TAMPERED</code></p>``. The text
   part line ``Selfcheck token: <TOKEN>`` is untouched. Other recipients are not filtered.
 
+Timing: delivery (final 250 of DATA -> Dovecot stored it) takes ~3 ms (median, 20 runs);
+``in_flow_delay = 0``, no error sleeps in smtpd, no Dovecot auth penalty. A failed login
+(IMAP or SMTP AUTH) is answered after ~0.5 s (Dovecot's failure-reply tick, not tunable to 0);
+smtplib's ``login`` tries PLAIN then LOGIN, so ~1 s. Greylisting state is per
+(client IP, sender, recipient): ``reset_greylist()`` (done by the ``mail_stack`` fixture when
+postgrey was queried) makes the next attempt 4xx again.
+
 Mailboxes (every user): ``INBOX``, ``Junk`` (\\Junk), ``Trash`` (\\Trash), ``Sent`` (\\Sent),
 all auto-created and subscribed. Maildir at ``stack.maildir(user)``.
 
 Control API (all raise ``MailStackError`` with the relevant log tail on failure):
 
 * ``start()`` / ``stop()`` (idempotent; ``stop`` never raises and kills by PID).
-* ``stop_dovecot()`` / ``start_dovecot()``, ``stop_postfix()`` / ``start_postfix()``.
+* ``stop_dovecot()`` / ``start_dovecot()`` (~1.2 s / ~0.05 s), ``stop_postfix()`` /
+  ``start_postfix()`` (~0.05 s / ~0.1 s); ``dovecot_running()``, ``postfix_running()``.
+  While Dovecot is down Postfix accepts and defers; it delivers within ~1-2 s of
+  ``start_dovecot()`` (``queue_run_delay``/backoff 1-2 s).
 * ``set_password(user, password)``: rewrites the passwd-file; effective for the next login
   (IMAP and SMTP AUTH; no auth cache). Takes up to 1 s (waits for the next second of
   Dovecot's clock, as Dovecot re-reads the file at most once a second).
