@@ -38,6 +38,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.harness.waiting import wait_until
 from tests.harness.controlplane import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -108,16 +109,6 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
 
 # ----------------------------------------------------------------------------- helpers
 
-
-def _wait_until(predicate, timeout: float, what: str, interval: float = 0.5):
-    end = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < end:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
 
 def _values_file(tmp_path: Path, name: str, values: dict[str, Any]) -> Path:
@@ -510,7 +501,7 @@ def test_install_upgrade_uninstall(control_plane, k8s_namespace, tmp_path):
         assert not _can_i(cp, sa, "list", "secrets", None)
         assert not _can_i(cp, sa, "create", "customresourcedefinitions.apiextensions.k8s.io", None)
         # Aggregation: namespace `view` users read MailSelfchecks, `edit` users create them.
-        assert _wait_until(lambda: "mailselfchecks" in cp.kubectl("get", "clusterrole", "edit", "-o", "json").stdout,
+        assert wait_until(lambda: "mailselfchecks" in cp.kubectl("get", "clusterrole", "edit", "-o", "json").stdout,
                            30, "aggregation of the edit ClusterRole")
 
         # Upgrade: cluster-wide -> namespaced (Role in the release namespace only).
@@ -614,7 +605,7 @@ def test_operator_reconciles_with_chart_rbac(control_plane, k8s_namespace, tmp_p
         proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         # The liveness probe's endpoint answers (kopf's /healthz on the chart's health port).
-        _wait_until(lambda: proc.poll() is not None or _http_status(f"http://127.0.0.1:{health_port}/healthz") == 200,
+        wait_until(lambda: proc.poll() is not None or _http_status(f"http://127.0.0.1:{health_port}/healthz") == 200,
                     30, "kopf's /healthz on the chart's health port")
         assert proc.poll() is None, f"operator exited:\n{log_path.read_text()[-3000:]}"
         t0 = time.monotonic()
@@ -624,7 +615,7 @@ def test_operator_reconciles_with_chart_rbac(control_plane, k8s_namespace, tmp_p
             out = cp.kubectl("-n", ns, "get", "mailselfcheck", "rbac", "-o", "json", check=False)
             return (json.loads(out.stdout).get("status") or {}) if out.returncode == 0 else {}
 
-        st = _wait_until(lambda: proc.poll() is None and status().get("success") is not None and status(),
+        st = wait_until(lambda: proc.poll() is None and status().get("success") is not None and status(),
                          90, f"a harvested result (operator log tail: {log_path.read_text()[-1500:]})")
         check_s = time.monotonic() - t0
         assert st["success"] is True, st
@@ -649,8 +640,8 @@ def test_operator_reconciles_with_chart_rbac(control_plane, k8s_namespace, tmp_p
         cp.kubectl("-n", ns, "patch", "mailselfcheck", "rbac", "--type=merge",
                    "-p", json.dumps({"spec": {"successfulJobsHistoryLimit": 0}}))
         cp.kubectl("-n", ns, "annotate", "mailselfcheck", "rbac", f"{GROUP}/run-now=1")
-        _wait_until(lambda: len(status().get("history") or []) >= 2, 60, "the run-now check")
-        _wait_until(lambda: not json.loads(cp.kubectl("-n", ns, "get", "jobs", "-o", "json").stdout)["items"],
+        wait_until(lambda: len(status().get("history") or []) >= 2, 60, "the run-now check")
+        wait_until(lambda: not json.loads(cp.kubectl("-n", ns, "get", "jobs", "-o", "json").stdout)["items"],
                     30, "the operator to delete Jobs beyond the history limit")
         annotations = json.loads(cp.kubectl("-n", ns, "get", "mailselfcheck", "rbac", "-o", "json").stdout)[
             "metadata"].get("annotations") or {}

@@ -15,18 +15,10 @@ import time
 
 import pytest
 
+from tests.harness.waiting import wait_until
+
 pytestmark = pytest.mark.cluster
 
-
-def _wait_until(predicate, timeout: float, what: str, interval: float = 0.5):
-    end = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < end:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")
 
 
 def _job_pod(cp, namespace: str, job: str) -> dict:
@@ -197,7 +189,7 @@ def test_missing_secret_is_create_container_config_error(control_plane, k8s_name
                 if w and w.get("reason") == "CreateContainerConfigError":
                     return w
         return None
-    w = _wait_until(waiting_reason, 60, "CreateContainerConfigError")
+    w = wait_until(waiting_reason, 60, "CreateContainerConfigError")
     assert 'secret "nope" not found' in w["message"]
 
 
@@ -216,7 +208,7 @@ def test_deleting_owner_garbage_collects_job(control_plane, k8s_namespace):
         jobs = cp.kubectl("-n", ns, "get", "jobs", "-o", "name").stdout.split()
         pods = cp.kubectl("-n", ns, "get", "pods", "-o", "name").stdout.split()
         return not jobs and not pods
-    _wait_until(gone, 90, "the garbage collector to delete the owned Job and its pod")
+    wait_until(gone, 90, "the garbage collector to delete the owned Job and its pod")
 
 
 def test_rbac_restricted_service_account_is_denied(control_plane, k8s_namespace, tmp_path):
@@ -230,7 +222,7 @@ def test_rbac_restricted_service_account_is_denied(control_plane, k8s_namespace,
 
     def can_i(*args, namespace=ns):
         return cp.kubectl("auth", "can-i", *args, "-n", namespace, who, check=False)
-    allowed = _wait_until(lambda: can_i("list", "pods").returncode == 0, 30,
+    allowed = wait_until(lambda: can_i("list", "pods").returncode == 0, 30,
                           "the RoleBinding to take effect")
     assert allowed
     for verb, res in (("delete", "pods"), ("get", "secrets"), ("create", "jobs.batch")):
@@ -272,12 +264,12 @@ def test_job_deadline_kills_the_process(control_plane, k8s_namespace, tmp_path):
     job = json.loads(_job("slow", script))
     job["spec"]["activeDeadlineSeconds"] = 3
     cp.kubectl("-n", ns, "apply", "-f", "-", input=json.dumps(job))
-    _wait_until(marker.exists, 60, "the container process to start")
+    wait_until(marker.exists, 60, "the container process to start")
     cp.kubectl("-n", ns, "wait", "--for=condition=Failed", "--timeout=60s", "job/slow")
     job = json.loads(cp.kubectl("-n", ns, "get", "job", "slow", "-o", "json").stdout)
     failed = [c for c in job["status"]["conditions"] if c["type"] == "Failed"][0]
     assert failed["reason"] == "DeadlineExceeded"
-    _wait_until(lambda: not cp.kubectl("-n", ns, "get", "pods", "-o", "name").stdout.strip(),
+    wait_until(lambda: not cp.kubectl("-n", ns, "get", "pods", "-o", "name").stdout.strip(),
                 60, "the pod to be deleted")
     before = marker.read_text()
     time.sleep(1.0)

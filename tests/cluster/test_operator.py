@@ -12,7 +12,6 @@ import http.server
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,8 @@ import pytest
 import yaml
 
 from mail_selfcheck.models.spec import GROUP
+from tests.harness.controlplane import free_port
+from tests.harness.waiting import wait_until
 
 pytestmark = pytest.mark.cluster
 
@@ -36,22 +37,6 @@ RUN_NOW = f"{GROUP}/run-now"
 # ----------------------------------------------------------------------------- helpers
 
 
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.5, diag=None):
-    end = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < end:
-        last = predicate()
-        if last:
-            return last
-        time.sleep(interval)
-    extra = f"\n{diag()}" if diag else ""
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r}){extra}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Operator:
