@@ -28,8 +28,8 @@ Ports (attributes, ``int``), all on host ``127.0.0.1`` (``stack.host``):
 * ``submissions_port``: implicit TLS (``smtpd_tls_wrappermode=yes``) + SASL AUTH.
 * ``submission_notls_port``: offers **no** STARTTLS at all but still offers AUTH PLAIN/LOGIN
   (and accepts it): for the probe's "refuse AUTH without TLS" test and ``plain`` lab mode.
-* ``imap_port``: IMAP with STARTTLS (LOGIN also works in clear: loopback is "secured" for
-  Dovecot, and ``disable_plaintext_auth = no`` for the lab ``plain`` mode).
+* ``imap_port``: IMAP with STARTTLS. ``disable_plaintext_auth = yes``, but Dovecot counts
+  loopback connections as secured, so LOGIN without TLS works here (lab ``plain`` mode).
 * ``imaps_port``: IMAP over implicit TLS.
 * ``tamper_port``: internal re-injection smtpd used by the ``tampered`` personality.
 * ``postgrey_port``: the postgrey policy server (``check_policy_service``).
@@ -495,9 +495,10 @@ class MailStack:
             auth_mechanisms = plain login
             auth_failure_delay = 0
             auth_cache_size = 0
-            # Lab stack: PLAIN is also accepted without TLS (loopback is "secured" anyway);
-            # the Postfix submission ports only offer AUTH after TLS (smtpd_tls_auth_only).
-            disable_plaintext_auth = no
+            # Plaintext auth only over TLS... and on loopback, which Dovecot counts as
+            # "secured" (remote IP == local IP): so the lab "plain" modes work on 127.0.0.1
+            # (IMAP LOGIN without STARTTLS, SMTP AUTH on submission_notls_port).
+            disable_plaintext_auth = yes
             ssl = yes
             ssl_cert = <{self.cert_file}
             ssl_key = <{self.key_file}
