@@ -6,8 +6,9 @@ debootstrap (the local stand-in for ``python:3.12-slim``), both cached in
 ``~/.cache/mail-selfcheck/images``. The tests then check the image configuration (non-root
 numeric user, entrypoint), that the final stage carries no build tooling, run
 ``mail-selfcheck --help`` / ``crd`` in it, and run a real probe inside it (``buildah run``,
-host network) against the real Postfix + Dovecot stack of ``tests/harness/mailstack.py``,
-checking that the probe wrote nothing into the image's filesystem (read-only root FS).
+host network) against the real Postfix + Dovecot stack (``mail_stack`` fixture,
+``tests/harness/mail_fixtures.py``), checking that the probe wrote nothing into the image's
+filesystem (read-only root FS).
 
 If buildah cannot build or run here the tests FAIL with the exact command and its output;
 they are never skipped.
@@ -21,11 +22,10 @@ import secrets
 import shlex
 import subprocess
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
-
-from tests.harness.mailstack import MailStack
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = ROOT / "hack" / "build-image.sh"
@@ -90,8 +90,10 @@ def container(image) -> str:
     """A working container of the image for ``buildah run`` (removed afterwards)."""
     listed = buildah("containers", "--format", "{{.ContainerName}}", what="buildah containers").stdout.split()
     for stale in (name for name in listed if name.startswith(CONTAINER_PREFIX)):
-        buildah("rm", stale, what="remove a stale test container", check=False)
-    name = CONTAINER_PREFIX + secrets.token_hex(4)
+        pid = stale[len(CONTAINER_PREFIX):].split("-")[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():  # left by a killed test run
+            buildah("rm", stale, what="remove a stale test container", check=False)
+    name = f"{CONTAINER_PREFIX}{os.getpid()}-{secrets.token_hex(3)}"
     buildah("from", "--pull=never", "--name", name, IMAGE, what="buildah from")
     try:
         yield name
@@ -111,13 +113,7 @@ def run_in(container: str, *command: str, env: dict[str, str] | None = None,
                    timeout=timeout, check=check)
 
 
-@pytest.fixture(scope="module")
-def stack():
-    with MailStack() as mail_stack:
-        yield mail_stack
-
-
-def test_image_config_and_size(image, pytestconfig):
+def test_image_config_and_size(image, pytestconfig, tmp_path):
     config = image["OCIv1"]["config"]
     user = config.get("User", "")
     uid, _, gid = user.partition(":")
@@ -132,9 +128,16 @@ def test_image_config_and_size(image, pytestconfig):
     layers = json.loads(image["Manifest"])["layers"]
     size = sum(layer["size"] for layer in layers)  # uncompressed tar sizes in local storage
     sizes = ", ".join(f"{layer['size'] / 1e6:.1f}" for layer in layers)
+    # What a registry would store and a node pull: gzip layers, as `buildah push` writes them.
+    buildah("push", "--quiet", "--compression-format", "gzip", IMAGE, f"oci:{tmp_path / 'oci'}:dev",
+            what="buildah push to an OCI layout")
+    index = json.loads((tmp_path / "oci" / "index.json").read_text())
+    digest = index["manifests"][0]["digest"].split(":", 1)[1]
+    pushed = json.loads((tmp_path / "oci" / "blobs" / "sha256" / digest).read_text())["layers"]
+    compressed = sum(layer["size"] for layer in pushed)
     with pytestconfig.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
-        print(f"\nimage {IMAGE}: {size / 1e6:.1f} MB uncompressed, {len(layers)} layers "
-              f"({sizes} MB), "
+        print(f"\nimage {IMAGE}: {size / 1e6:.1f} MB uncompressed ({sizes} MB layers), "
+              f"{compressed / 1e6:.1f} MB compressed (gzip), "
               f"FROM {config.get('Labels', {}).get('org.opencontainers.image.base.name', '?')}")
     assert size < MAX_IMAGE_BYTES, f"image is {size / 1e6:.0f} MB"
 
@@ -150,6 +153,32 @@ def test_final_stage_has_no_build_tools(container):
     assert rest == ["[]"], f"build tools in the final stage: {rest}"
 
 
+def _constraints() -> dict[str, str]:
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[name.strip().lower().replace("_", "-")] = version.strip()
+    return pins
+
+
+def test_installed_distributions_are_the_pinned_ones(container):
+    proc = run_in(container, "python3", "-c",
+                  "import importlib.metadata as m\n"
+                  "for d in m.distributions(): print(d.metadata['Name'], d.version)")
+    installed = {name.lower().replace("_", "-"): version
+                 for name, version in (line.split() for line in proc.stdout.splitlines())}
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        version = tomllib.load(f)["project"]["version"]
+    assert installed.pop("mail-selfcheck", None) == version, "the project itself is not installed"
+    pins = _constraints()
+    unpinned = {name: version for name, version in installed.items() if pins.get(name) != version}
+    assert unpinned == {}, f"installed in the image but not at the constraints.txt version: {unpinned}"
+    build_backend = {"setuptools", "wheel", "packaging"}
+    missing = set(pins) - set(installed) - build_backend
+    assert missing == set(), f"pinned runtime dependencies missing from the image: {missing}"
+
+
 def test_help_and_crd(container):
     helped = run_in(container, "mail-selfcheck", "--help")
     for command in ("run", "operator", "crd"):
@@ -159,7 +188,8 @@ def test_help_and_crd(container):
     assert "mailselfchecks" in crd.stdout
 
 
-def test_probe_in_image_against_real_mail_stack(container, stack, tmp_path):
+def test_probe_in_image_against_real_mail_stack(container, mail_stack, tmp_path):
+    stack = mail_stack  # the session's Postfix + Dovecot (tests/harness/mail_fixtures.py), reset
     out = tmp_path / "out"
     out.mkdir()
     out.chmod(0o777)  # written by the image's non-root user
