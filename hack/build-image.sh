@@ -18,7 +18,7 @@
 #                    docker.io/library/python:3.12-slim, pulled if a registry is reachable)
 #   IMAGE_CACHE      cache directory (default ~/.cache/mail-selfcheck/images)
 #   DEBIAN_MIRROR    mirror for debootstrap (default: this machine's apt mirror, else deb.debian.org)
-#   PIP_INDEX_URL    passed to pip inside the build (default: this machine's pip config, if any)
+#   PIP_INDEX_URL    pip index inside the build (default: this machine's pip config, else PyPI)
 #   CA_BUNDLE        CA bundle pip uses inside the build (default /etc/ssl/certs/ca-certificates.crt)
 #
 # Push to a registry afterwards with: hack/build-image.sh buildah push "$IMAGE" docker://REGISTRY/mail-selfcheck:TAG
@@ -192,6 +192,6 @@ case "${1:-build}" in
   base) need buildah; ensure_base ;;
   constraints) constraints ;;
   buildah) shift; exec "${BUILDAH[@]}" "$@" ;;
-  -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//' ;;
+  -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//' ;;
   *) log "unknown command $1 (build | base | buildah ARGS...)"; exit 2 ;;
 esac
