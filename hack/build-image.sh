@@ -192,6 +192,6 @@ case "${1:-build}" in
   base) need buildah; ensure_base ;;
   constraints) constraints ;;
   buildah) shift; exec "${BUILDAH[@]}" "$@" ;;
-  -h|--help) sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//' ;;
+  -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//' ;;
   *) log "unknown command $1 (build | base | buildah ARGS...)"; exit 2 ;;
 esac
