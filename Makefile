@@ -26,5 +26,6 @@ test: system-deps venv control-plane
 	$(BIN)/pytest
 
 ## One-command demo: control plane + mail stack + operator + a sample MailSelfcheck.
+## ARGS="--once" stops after the first result; ARGS="--keep" keeps logs and etcd data.
 demo: system-deps venv control-plane
-	$(BIN)/python -m tests.harness.demo
+	$(BIN)/python -m tests.harness.demo $(ARGS)

@@ -10,15 +10,19 @@ import argparse
 import sys
 
 RUN_EPILOG = """\
-configuration: environment variables MESSAGES_SELFCHECK_FROM, _TO, _SECRET, _INTERVAL,
-_TIMEOUT, _WEBHOOK_URL, _SMTP_HOST, _SMTP_PORT, _SMTP_SECURITY, _SMTP_USERNAME,
-_SMTP_PASSWORD, _IMAP_HOST, _IMAP_PORT, _IMAP_SECURITY, _IMAP_USERNAME, _IMAP_PASSWORD,
-_IMAP_FOLDER, _TLS_CA_FILE, _TLS_INSECURE_SKIP_VERIFY (see README). If FROM or TO is
-empty the run is skipped.
+configuration: environment variables (flags above override them)
+  MESSAGES_SELFCHECK_FROM, _TO, _SECRET, _INTERVAL, _TIMEOUT, _WEBHOOK_URL
+      (the original selfcheck's six names, accepted as they are; empty FROM or TO
+      skips the run)
+  MESSAGES_SELFCHECK_SMTP_HOST, _SMTP_PORT, _SMTP_SECURITY, _SMTP_USERNAME, _SMTP_PASSWORD
+  MESSAGES_SELFCHECK_IMAP_HOST, _IMAP_PORT, _IMAP_SECURITY, _IMAP_USERNAME, _IMAP_PASSWORD,
+      _IMAP_FOLDER, _IMAP_DETECTION, _IMAP_POLL_INTERVAL
+  MESSAGES_SELFCHECK_TLS_CA_FILE, _TLS_CA_PEM, _TLS_INSECURE_SKIP_VERIFY
+  (all durations in seconds; see README.md, "Running the probe by hand")
 
 exit status: 0 when the probe ran to a verdict, whether the check succeeded or failed
-(the verdict is in the log line, --json and --result-file); 2 when the configuration is
-invalid and nothing was attempted.
+(the verdict is in the log line, --json and --result-file), and when the run is skipped;
+2 when the configuration is invalid and nothing was attempted (no result is written).
 """
 
 

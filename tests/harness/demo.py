@@ -7,10 +7,12 @@ and the chart's ServiceAccount + RBAC (``helm template --show-only``); runs the 
 this host authenticated as that ServiceAccount; applies a MailSelfcheck that probes the
 local mail stack; waits for the first result and prints ``kubectl get mailselfchecks -o wide``.
 
-Then it keeps everything running until Ctrl-C (``--once``: stop right away; exit status 0
-only if the first check succeeded).
+Then it keeps everything running until Ctrl-C or SIGTERM (``--once``: stop right away; exit
+status 0 only if the first check succeeded). Its working directory (etcd data, throw-away
+PKI, logs) is removed at the end unless the demo failed or ``--keep`` is given.
 
-    python -m tests.harness.demo [--once] [--interval 30] [--timeout 180]
+    .venv/bin/python -m tests.harness.demo [--once] [--keep] [--interval 30] [--timeout 180]
+    make demo ARGS="--once"
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -135,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--once", action="store_true", help="stop after the first result (exit 0 if it succeeded)")
     parser.add_argument("--interval", type=int, default=30, help="seconds between checks (default 30)")
     parser.add_argument("--timeout", type=float, default=180, help="seconds to wait for the first result")
+    parser.add_argument("--keep", action="store_true", help="keep the working directory (logs, etcd data)")
     args = parser.parse_args(argv)
 
     started = time.monotonic()
@@ -144,8 +148,10 @@ def main(argv: list[str] | None = None) -> int:
         binaries = build_all()
     workdir = Path(tempfile.mkdtemp(prefix="mail-selfcheck-demo-"))
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    for signum in (signal.SIGTERM, signal.SIGINT):  # SIGINT too: it may have been ignored by our parent
+        signal.signal(signum, lambda *_: stop.set())
     operator = None
+    succeeded = False
     say("starting Postfix + Dovecot on loopback")
     with MailStack() as stack:
         say("starting etcd, kube-apiserver, kube-controller-manager and the node agent")
@@ -165,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             say(f"first result after {time.monotonic() - started:.1f} s in all: "
                 f"success={status['success']} sendTime={status.get('sendTime')} receptionTime={status.get('receptionTime')}"
                 + (f" error={status.get('error')!r}" if not status["success"] else ""))
+            succeeded = True
             if args.once:
                 return 0 if status["success"] else 1
             say("running; in another shell:\n"
@@ -173,10 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"  curl -s localhost:{metrics_port}/metrics | grep mail_selfcheck_\n"
                 f"operator log: {log}\n"
                 "Press Ctrl-C to stop everything (control plane, mail stack, operator).")
-            try:
-                while not stop.wait(1):
-                    pass
-            except KeyboardInterrupt:
+            while not stop.wait(1):
                 pass
             return 0
         finally:
@@ -188,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
                 except subprocess.TimeoutExpired:
                     operator.kill()
             cp.stop()
+            if succeeded and not args.keep:
+                shutil.rmtree(workdir, ignore_errors=True)
+            else:
+                say(f"kept {workdir} (logs, etcd data, kubeconfigs)")
 
 
 if __name__ == "__main__":

@@ -1084,7 +1084,13 @@ def _main(argv: list[str] | None = None) -> int:
             print(f"export {k}={json.dumps(v)}")
         if args.json:
             print(json.dumps(stack.describe()))
-        print("# Ctrl-C / SIGTERM to stop", flush=True)
+        print(f"# other ports on {stack.host}: submission+implicit TLS (--smtp-security tls) "
+              f"{stack.submissions_port}, submission without STARTTLS {stack.submission_notls_port}, "
+              f"IMAP+STARTTLS/plain {stack.imap_port}, IMAPS {stack.imaps_port}")
+        print(f"# users (password in the passwd file under {stack.base}): "
+              + ", ".join(f"{u.address}" for u in stack.users.values()))
+        print("# runs in the foreground: use these exports in a second shell; Ctrl-C / SIGTERM to stop",
+              flush=True)
         while not stop["now"]:
             time.sleep(0.2)
     except MailStackError as e:

@@ -312,3 +312,22 @@ def test_loop_mode_repeats_every_interval(stack) -> None:
         proc.wait(timeout=30)
     assert all(json.loads(line)["success"] for line in lines), lines
     assert proc.returncode == 0
+
+
+def test_starttls_against_an_implicit_tls_port_says_so(stack, monkeypatch) -> None:
+    env = _env(stack, MESSAGES_SELFCHECK_SMTP_PORT=str(stack.submissions_port), MESSAGES_SELFCHECK_TIMEOUT="2")
+    result = _run(monkeypatch, env)
+    assert not result.success and result.error_class == "smtp_connect"
+    assert "sent no greeting" in result.error and "implicit TLS" in result.error
+
+
+def test_implicit_tls_against_a_starttls_port_says_so(stack, monkeypatch) -> None:
+    env = _env(stack, MESSAGES_SELFCHECK_SMTP_SECURITY="tls", MESSAGES_SELFCHECK_SMTP_PORT=str(stack.submission_port))
+    result = _run(monkeypatch, env)
+    assert not result.success and result.error_class == "smtp_tls"
+    assert "WRONG_VERSION_NUMBER" in result.error and "wrong port or security mode" in result.error
+
+
+def test_loop_refuses_a_timeout_not_below_the_interval(stack) -> None:
+    proc = _cli(_env(stack, MESSAGES_SELFCHECK_INTERVAL="10", MESSAGES_SELFCHECK_TIMEOUT="10"), "--loop")
+    assert proc.returncode == 2 and "smaller than MESSAGES_SELFCHECK_INTERVAL" in proc.stderr

@@ -29,6 +29,8 @@ def describe_oserror(exc: BaseException) -> str:
     if isinstance(exc, socket.gaierror):
         return f"name resolution failed: {exc.strerror or exc}"
     if isinstance(exc, ssl.SSLError):
+        if exc.reason == "WRONG_VERSION_NUMBER":
+            return "TLS error: WRONG_VERSION_NUMBER (the server did not answer in TLS: wrong port or security mode?)"
         return f"TLS error: {exc.reason or exc}"
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror

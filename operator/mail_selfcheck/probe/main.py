@@ -90,6 +90,12 @@ def main(
     if not settings.enabled:
         log.info("selfcheck_skipped", reason="MESSAGES_SELFCHECK_FROM or MESSAGES_SELFCHECK_TO is empty")
         return EXIT_OK
+    if loop and settings.timeout >= settings.interval:
+        sys.stderr.write(
+            "mail-selfcheck: configuration error: MESSAGES_SELFCHECK_TIMEOUT must be smaller than "
+            "MESSAGES_SELFCHECK_INTERVAL with --loop\n"
+        )
+        return EXIT_CONFIG
     if not loop:
         run_once(settings, print_json, result_file)
         return EXIT_OK

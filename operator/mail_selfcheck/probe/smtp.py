@@ -62,6 +62,13 @@ def _connect(settings: ProbeSettings, timeout: float) -> smtplib.SMTP:
         raise ProbeFailure("smtp_tls", f"TLS error with SMTP server {_server(settings)}: {describe_oserror(exc)}") from exc
     except smtplib.SMTPConnectError as exc:
         raise ProbeFailure("smtp_connect", f"SMTP server {_server(settings)} refused the session: {_reply(exc.smtp_code, exc.smtp_error)}") from exc
+    except smtplib.SMTPServerDisconnected as exc:
+        # TCP connected, but no 220 greeting (RFC 5321 4.3.1) came: typically a port that
+        # expects implicit TLS (465) probed with starttls/plain.
+        hint = " (does this port expect implicit TLS? try security tls)" if settings.smtp_security != "tls" else ""
+        raise ProbeFailure(
+            "smtp_connect", f"SMTP server {_server(settings)} sent no greeting: {describe_oserror(exc)}{hint}"
+        ) from exc
     except (OSError, smtplib.SMTPException) as exc:
         raise ProbeFailure("smtp_connect", f"SMTP server {_server(settings)} unreachable: {describe_oserror(exc)}") from exc
 
