@@ -33,7 +33,9 @@ Run (``up`` / ``down`` / ``env``)
       issuer, ``--endpoint-reconciler-type=none``;
     * kube-controller-manager with every default controller (job, garbagecollector,
       ttl-after-finished, serviceaccount, serviceaccount-token, namespace, ...), signing
-      service-account tokens with the same key;
+      service-account tokens with the same key, with its API rate limit and Job/GC worker
+      counts raised for the tests and the scale benchmark (:data:`KCM_THROUGHPUT_FLAGS`,
+      which says why);
 
     then waits for ``/readyz`` and for the ``default`` service account, and writes an admin
     kubeconfig. Every process's PID is recorded in ``state.json`` in the run directory;
@@ -88,6 +90,22 @@ ETCD_VERSION = os.environ.get("MAIL_SELFCHECK_ETCD_VERSION", "v3.6.8")
 HELM_VERSION = os.environ.get("MAIL_SELFCHECK_HELM_VERSION", "v4.3.1")
 
 K8S_BINARIES = ("kube-apiserver", "kube-controller-manager", "kubectl")
+
+#: kube-controller-manager throughput flags, raised above the upstream defaults for the
+#: tests and the scale benchmark (``benchmarks/operator_scale.py``), not for realism.
+#: Measured (issue 4 benchmark, N=300 MailSelfchecks every 60 s = 5 Jobs/s): with the
+#: defaults ``--kube-api-qps=20 --kube-api-burst=30`` the Job controller is the first
+#: component to saturate: its workqueue held ~280 Jobs, the controller-manager's requests
+#: were capped at ~30/s and each waited ~0.19 s in the client-side rate limiter
+#: (``rest_client_rate_limiter_duration_seconds``), while kube-apiserver used ~25 % of a
+#: core and etcd ~5 %. A Job costs the controller about five API calls (pod create,
+#: finalizer removal, two or three status updates), so 20 QPS caps a cluster at ~4 Jobs/s
+#: whatever the operator does. A real cluster running many MailSelfchecks needs the same
+#: tuning of its controller-manager (``--kube-api-qps``/``--kube-api-burst``, and
+#: ``--concurrent-job-syncs``, default 5). ``--concurrent-gc-syncs`` (default 20) is the
+#: garbage collector's, which deletes the pods of pruned Jobs.
+KCM_THROUGHPUT_FLAGS = ("--kube-api-qps=300", "--kube-api-burst=600",
+                        "--concurrent-job-syncs=20", "--concurrent-gc-syncs=20")
 
 
 class BuildError(RuntimeError):
@@ -672,7 +690,7 @@ class ControlPlane:
             f"--cluster-signing-cert-file={pki / 'ca.crt'}",
             f"--cluster-signing-key-file={pki / 'ca.key'}",
             "--controllers=*", "--cluster-name=mail-selfcheck",
-            "--concurrent-job-syncs=5", "--concurrent-gc-syncs=20", "--v=0"])
+            *KCM_THROUGHPUT_FLAGS, "--v=0"])
 
         def default_sa():
             code, body = self._get("/api/v1/namespaces/default/serviceaccounts/default", ctx)

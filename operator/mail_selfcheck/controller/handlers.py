@@ -24,6 +24,9 @@ from .reconcile import Selfcheck, Shared
 FINALIZER = f"{GROUP}/finalizer"
 #: Worker threads for the blocking ``kubernetes`` client calls.
 API_THREADS = 32
+#: HTTP connections kept to the API server: above :data:`API_THREADS`, so a burst never
+#: makes urllib3 discard (and later re-handshake) a TLS connection ("Connection pool is full").
+API_POOL = 2 * API_THREADS
 
 
 @kopf.on.startup()
@@ -43,7 +46,7 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
     if memo.get("metrics_port"):
         metrics_mod.serve(memo["metrics_port"])
         logger.info("metrics on :%d/metrics", memo["metrics_port"])
-    memo["shared"] = Shared(api_client=api_client(pool_size=API_THREADS), metrics=metrics)
+    memo["shared"] = Shared(api_client=api_client(pool_size=API_POOL), metrics=metrics)
 
 
 @kopf.on.cleanup()

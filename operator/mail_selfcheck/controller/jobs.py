@@ -26,7 +26,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from kubernetes import client
 from kubernetes.client.rest import ApiException
@@ -333,8 +333,23 @@ def jobs_to_delete(
 # ----------------------------------------------------------------------------- API
 
 
-def _json(response: Any) -> dict[str, Any]:
-    return json.loads(response.data)
+async def call_json(fn: Callable[..., Any], *args: Any, parse: bool = True, **kwargs: Any) -> Any:
+    """Run the client call ``fn(*args, **kwargs)`` in a worker thread and return its JSON body.
+
+    The call is made with ``_preload_content=False`` (raw JSON, no model classes) and the
+    body is read and parsed in the worker thread too: a response read on kopf's event loop
+    would block it for as long as the API server takes to send the body. The connection is
+    returned to the pool in every case. ``parse=False``: the body is discarded, None returned.
+    """
+
+    def call() -> Any:
+        resp = fn(*args, _preload_content=False, **kwargs)
+        try:
+            return json.loads(resp.data) if parse else resp.drain_conn()
+        finally:
+            resp.release_conn()
+
+    return await asyncio.to_thread(call)
 
 
 class JobsApi:
@@ -352,8 +367,7 @@ class JobsApi:
         """Create the Job; on 409 AlreadyExists return the existing one. Returns ``(job, created)``."""
         ns, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
         try:
-            resp = await asyncio.to_thread(self.batch.create_namespaced_job, ns, manifest, _preload_content=False)
-            return _json(resp), True
+            return await call_json(self.batch.create_namespaced_job, ns, manifest), True
         except ApiException as exc:
             if exc.status != 409:
                 raise
@@ -365,7 +379,7 @@ class JobsApi:
     async def get(self, namespace: str, name: str) -> dict[str, Any] | None:
         """The Job, or None when it does not exist (404)."""
         try:
-            return _json(await asyncio.to_thread(self.batch.read_namespaced_job, name, namespace, _preload_content=False))
+            return await call_json(self.batch.read_namespaced_job, name, namespace)
         except ApiException as exc:
             if exc.status == 404:
                 return None
@@ -373,33 +387,20 @@ class JobsApi:
 
     async def owned(self, namespace: str, owner_uid: str) -> list[dict[str, Any]]:
         """Jobs created for the MailSelfcheck with UID ``owner_uid``."""
-        resp = await asyncio.to_thread(
-            self.batch.list_namespaced_job,
-            namespace,
-            label_selector=f"{LABEL_OWNER_UID}={owner_uid}",
-            _preload_content=False,
-        )
-        return _json(resp).get("items") or []
+        resp = await call_json(self.batch.list_namespaced_job, namespace, label_selector=f"{LABEL_OWNER_UID}={owner_uid}")
+        return resp.get("items") or []
 
     async def pods(self, job: dict[str, Any]) -> list[dict[str, Any]]:
         """Pods of ``job`` (selected by its controller UID label)."""
         uid = job["metadata"].get("uid")
         selector = f"batch.kubernetes.io/controller-uid={uid}" if uid else f"job-name={job['metadata']['name']}"
-        resp = await asyncio.to_thread(
-            self.core.list_namespaced_pod, job["metadata"]["namespace"], label_selector=selector, _preload_content=False
-        )
-        return _json(resp).get("items") or []
+        resp = await call_json(self.core.list_namespaced_pod, job["metadata"]["namespace"], label_selector=selector)
+        return resp.get("items") or []
 
     async def delete(self, namespace: str, name: str) -> None:
         """Delete a Job and, in the background, its pods; a missing Job is fine."""
         try:
-            await asyncio.to_thread(
-                self.batch.delete_namespaced_job,
-                name,
-                namespace,
-                propagation_policy="Background",
-                _preload_content=False,
-            )
+            await call_json(self.batch.delete_namespaced_job, name, namespace, propagation_policy="Background", parse=False)
         except ApiException as exc:
             if exc.status != 404:
                 raise

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import os
 
 import kopf
 
@@ -12,6 +14,28 @@ def _quiet_wakeups(record: logging.LogRecord) -> bool:
     """Drop kopf's per-event success lines of the wake-up handlers (one per watch event)."""
     message = record.getMessage()
     return not (message.startswith("Handler 'resource_changed'") or message.startswith("Handler 'job_changed'"))
+
+
+#: glibc ``mallopt`` parameter number of ``M_ARENA_MAX`` (malloc.h).
+_M_ARENA_MAX = -8
+#: malloc arenas for the operator process (glibc's default is 8 per core).
+MALLOC_ARENAS = 2
+
+
+def _limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> None:
+    """Cap glibc's malloc arenas unless ``MALLOC_ARENA_MAX`` is set.
+
+    The API calls run in a pool of threads (:data:`.handlers.API_THREADS`); glibc gives
+    threads that contend for the heap arenas of their own, each keeping freed memory
+    fragmented, which inflates the resident size of a threaded Python process. No-op
+    outside glibc.
+    """
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(_M_ARENA_MAX, arenas)
+    except (OSError, AttributeError):
+        pass
 
 
 def run_operator(namespaces: list[str], liveness: str | None, metrics_port: int | None, verbose: bool) -> int:
@@ -26,6 +50,7 @@ def run_operator(namespaces: list[str], liveness: str | None, metrics_port: int 
     Returns:
         the process exit code (0 after a clean stop).
     """
+    _limit_malloc_arenas()
     kopf.configure(verbose=verbose)
     if not verbose:
         for handler in logging.getLogger().handlers:

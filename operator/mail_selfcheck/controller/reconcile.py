@@ -7,7 +7,13 @@ slot, a wake-up (the resource changed, its Job finished) or the daemon's stop.
 State lives in the resource's status, never only in memory: the schedule comes from
 ``status.lastScheduleTime``, the running Job from ``status.active``; on start the loop also
 adopts a Job it created but had no time to record (crash between create and status patch),
-so a restart neither loses a result nor launches a slot twice.
+so a restart neither loses a result nor launches a slot twice. The only in-memory state is
+the list of the resource's Jobs used for pruning: listed from the API once per loop, then
+kept by the loop itself (it creates, harvests and deletes them).
+
+API calls per check: create the Job and record it (2); on completion, list its pods, record
+the result, delete Jobs beyond the history limits (2 + deletions). Every response is read
+and parsed in a worker thread (:func:`.jobs.call_json`), never on kopf's event loop.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from pydantic import ValidationError
 
 from ..models.spec import GROUP, PLURAL, VERSION, MailSelfcheckSpec
 from . import jobs as jobs_mod
-from .jobs import JobsApi, Outcome, job_finished, job_manifest, jobs_to_delete, outcome_from
+from .jobs import JobsApi, Outcome, call_json, job_finished, job_manifest, jobs_to_delete, outcome_from
 from .metrics import Metrics
 from .schedule import decide, format_time, job_name, parse_time
 from .status import harvest_patch, launched_patch, pending_condition
@@ -83,6 +89,11 @@ class Selfcheck:
         self._event = asyncio.Event()
         self._check_job = True  # read the active Job on the first pass (operator restart)
         self._seen_jobs: dict[str, dict[str, Any]] = {}  # finished Jobs delivered by the watch
+        # Owned Jobs (name -> compact body) for pruning, listed once per loop (on start or at
+        # the first prune) and then kept up to date by this loop, the only creator of Jobs for
+        # this resource: saves a Job list per check (one API call per run, O(Jobs) in the API
+        # server). None = not listed yet.
+        self._jobs: dict[str, dict[str, Any]] | None = None
         self._next_job_poll = shared.clock()
 
     # -------------------------------------------------------------- plumbing
@@ -95,18 +106,18 @@ class Selfcheck:
         self._event.set()
 
     async def _patch_status(self, patch: dict[str, Any]) -> None:
-        resp = await asyncio.to_thread(
+        resp = await call_json(
             self.shared.custom.patch_namespaced_custom_object_status,
             GROUP, VERSION, self.namespace, PLURAL, self.name, patch,
-            _content_type="application/merge-patch+json", _preload_content=False,
+            _content_type="application/merge-patch+json",
         )  # fmt: skip
-        self.status = json.loads(resp.data).get("status") or {}
+        self.status = resp.get("status") or {}
 
     async def _patch_meta(self, patch: dict[str, Any]) -> None:
-        await asyncio.to_thread(
+        await call_json(
             self.shared.custom.patch_namespaced_custom_object,
             GROUP, VERSION, self.namespace, PLURAL, self.name, patch,
-            _content_type="application/merge-patch+json", _preload_content=False,
+            _content_type="application/merge-patch+json", parse=False,
         )  # fmt: skip
 
     # -------------------------------------------------------------- loop
@@ -149,7 +160,9 @@ class Selfcheck:
     async def _adopt(self) -> None:
         known = {h.get("job") for h in self.status.get("history") or []} | {self.status.get("lastHarvestedJob")}
         last = parse_time(self.status.get("lastScheduleTime"))
-        for job in await self.shared.jobs.owned(self.namespace, self.uid):
+        owned = await self.shared.jobs.owned(self.namespace, self.uid)
+        self._jobs = {job["metadata"]["name"]: _compact(job) for job in owned}
+        for job in owned:
             meta = job["metadata"]
             slot = parse_time((meta.get("annotations") or {}).get(jobs_mod.ANNOTATION_SLOT))
             if meta["name"] in known or slot is None or (last is not None and slot < last):
@@ -205,6 +218,8 @@ class Selfcheck:
             name=name, namespace=self.namespace, owner_name=self.name, owner_uid=self.uid, spec=spec, slot=slot
         )
         job, created = await self.shared.jobs.create(manifest)
+        if self._jobs is not None:
+            self._jobs[name] = _compact(job)
         if created:
             self.logger.info("launched Job %s for slot %s", name, format_time(slot))
         if not created and name == self.status.get("lastHarvestedJob"):
@@ -219,8 +234,12 @@ class Selfcheck:
         """Record the finished (or vanished) Job's outcome, emit a transition Event, prune old Jobs."""
         if job is None:
             outcome = Outcome.job_failed(f"Job {active['name']} disappeared before its result was read")
+            if self._jobs is not None:
+                self._jobs.pop(active["name"], None)
         else:
             outcome = outcome_from(job, await self.shared.jobs.pods(job))
+            if self._jobs is not None:
+                self._jobs[active["name"]] = _compact(job)
         now = self.shared.clock()
         patch, event = harvest_patch(
             self.status,
@@ -248,8 +267,10 @@ class Selfcheck:
         """Delete finished Jobs beyond ``successfulJobsHistoryLimit`` / ``failedJobsHistoryLimit``."""
         spec = self.body.get("spec") or {}
         results = {h["job"]: bool(h.get("success")) for h in self.status.get("history") or [] if "job" in h}
+        if self._jobs is None:
+            self._jobs = {j["metadata"]["name"]: _compact(j) for j in await self.shared.jobs.owned(self.namespace, self.uid)}
         names = jobs_to_delete(
-            await self.shared.jobs.owned(self.namespace, self.uid),
+            list(self._jobs.values()),
             results=results,
             successful_limit=int(spec.get("successfulJobsHistoryLimit", 3)),
             failed_limit=int(spec.get("failedJobsHistoryLimit", 1)),
@@ -257,6 +278,16 @@ class Selfcheck:
         )
         for name in names:
             await self.shared.jobs.delete(self.namespace, name)
+            self._jobs.pop(name, None)
+
+
+def _compact(job: dict[str, Any]) -> dict[str, Any]:
+    """What pruning needs of a Job (name, creation time, conditions), to keep memory small."""
+    meta = job.get("metadata") or {}
+    return {
+        "metadata": {"name": meta.get("name"), "creationTimestamp": meta.get("creationTimestamp")},
+        "status": {"conditions": (job.get("status") or {}).get("conditions") or []},
+    }
 
 
 async def _first(*aws: Any, timeout: float) -> None:
