@@ -95,15 +95,19 @@ K8S_BINARIES = ("kube-apiserver", "kube-controller-manager", "kubectl")
 #: tests and the scale benchmark (``benchmarks/operator_scale.py``), not for realism.
 #: Measured (issue 4 benchmark, N=300 MailSelfchecks every 60 s = 5 Jobs/s): with the
 #: defaults ``--kube-api-qps=20 --kube-api-burst=30`` the Job controller is the first
-#: component to saturate: its workqueue held ~280 Jobs, the controller-manager's requests
-#: were capped at ~30/s and each waited ~0.19 s in the client-side rate limiter
+#: component to saturate: its workqueue held ~280-500 Jobs, the controller-manager's requests
+#: were capped at ~20-30/s and each waited ~0.2-0.3 s in the client-side rate limiter
 #: (``rest_client_rate_limiter_duration_seconds``), while kube-apiserver used ~25 % of a
-#: core and etcd ~5 %. A Job costs the controller about five API calls (pod create,
-#: finalizer removal, two or three status updates), so 20 QPS caps a cluster at ~4 Jobs/s
-#: whatever the operator does. A real cluster running many MailSelfchecks needs the same
-#: tuning of its controller-manager (``--kube-api-qps``/``--kube-api-burst``, and
-#: ``--concurrent-job-syncs``, default 5). ``--concurrent-gc-syncs`` (default 20) is the
-#: garbage collector's, which deletes the pods of pruned Jobs.
+#: core and etcd ~5 %; slots were held back by Forbid (900 Jobs instead of 1,200). The
+#: controller-manager makes ~9 API requests per Job (pod create, Job status updates, pod
+#: finalizer removal, Events, the garbage collector deleting pruned Jobs' pods): at 1,000
+#: resources (17 Jobs/s) it sent ~150 requests/s, unthrottled with these values. A real
+#: cluster running many MailSelfchecks needs the same tuning of its controller-manager
+#: (``--kube-api-qps``/``--kube-api-burst``; ``--concurrent-job-syncs``, default 5).
+#: ``--concurrent-gc-syncs`` (default 20) is the garbage collector's. The API server's own
+#: limits (``--max-requests-inflight=400``, ``--max-mutating-requests-inflight=200``, API
+#: Priority and Fairness) were never reached at N=1,000 (at most ~250 requests in flight,
+#: none queued by APF), so they keep their defaults.
 KCM_THROUGHPUT_FLAGS = ("--kube-api-qps=300", "--kube-api-burst=600",
                         "--concurrent-job-syncs=20", "--concurrent-gc-syncs=20")
 
