@@ -301,7 +301,7 @@ def test_webhook_failure_never_fails_the_check(stack, webhook, behaviour) -> Non
 
 
 def test_loop_mode_repeats_every_interval(stack) -> None:
-    env = _env(stack, MESSAGES_SELFCHECK_INTERVAL="1")
+    env = _env(stack, MESSAGES_SELFCHECK_INTERVAL="3", MESSAGES_SELFCHECK_TIMEOUT="2.5")
     full = {k: v for k, v in os.environ.items() if not k.startswith("MESSAGES_SELFCHECK_")}
     full.update(env)
     proc = subprocess.Popen([CLI, "run", "--loop", "--json"], env=full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -310,8 +310,8 @@ def test_loop_mode_repeats_every_interval(stack) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    assert all(json.loads(line)["success"] for line in lines), lines
-    assert proc.returncode == 0
+    assert proc.returncode == 0, proc.stderr.read()
+    assert all(line and json.loads(line)["success"] for line in lines), lines
 
 
 def test_starttls_against_an_implicit_tls_port_says_so(stack, monkeypatch) -> None:
