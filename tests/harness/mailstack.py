@@ -49,6 +49,8 @@ Users: ``stack.users`` maps short name -> ``User(address, password)``; every add
 * ``greylisted``: real postgrey (Debian package, ``--delay=1``) applied only to this
   recipient through a restriction class: the first RCPT TO gets ``450 4.2.0 ... Greylisted``,
   the same sender/recipient retried >= 1 s later is accepted and delivered.
+* ``legacy``: Dovecot advertises only ``IMAP4rev1`` to this user (userdb
+  ``imap_capability``): no IDLE, UIDPLUS, MOVE or SPECIAL-USE, like an old IMAP server.
 * ``tampered``: ``check_recipient_access`` -> ``FILTER tamper:[127.0.0.1]:tamper_port``: the
   message is re-injected into a second smtpd whose dedicated cleanup service has a
   ``body_checks`` rule that REPLACEs any body line containing ``Selfcheck token: <code>``
@@ -139,7 +141,10 @@ class User:
     password: str
 
 
-USER_NAMES = ("sender", "receiver", "junked", "held", "greylisted", "tampered")
+USER_NAMES = ("sender", "receiver", "junked", "held", "greylisted", "tampered", "legacy")
+#: Per-user Dovecot settings (userdb extra fields of the passwd-file). ``legacy`` sees an IMAP
+#: server that advertises nothing but IMAP4rev1: no IDLE, UIDPLUS, MOVE or SPECIAL-USE.
+USER_SETTINGS = {"legacy": "userdb_imap_capability=IMAP4rev1"}
 
 
 def free_port() -> int:
@@ -441,7 +446,7 @@ class MailStack:
 
     def _write_passwd(self) -> None:
         uid, gid = self._mail_pw.pw_uid, self._mail_pw.pw_gid
-        lines = [f"{u.address}:{{PLAIN}}{u.password}:{uid}:{gid}::{self._home(n)}::"
+        lines = [f"{u.address}:{{PLAIN}}{u.password}:{uid}:{gid}::{self._home(n)}::{USER_SETTINGS.get(n, '')}"
                  for n, u in self.users.items()]
         tmp = self.passwd_file.with_suffix(".tmp")
         tmp.write_text("\n".join(lines) + "\n")

@@ -331,3 +331,22 @@ def test_implicit_tls_against_a_starttls_port_says_so(stack, monkeypatch) -> Non
 def test_loop_refuses_a_timeout_not_below_the_interval(stack) -> None:
     proc = _cli(_env(stack, MESSAGES_SELFCHECK_INTERVAL="10", MESSAGES_SELFCHECK_TIMEOUT="10"), "--loop")
     assert proc.returncode == 2 and "smaller than MESSAGES_SELFCHECK_INTERVAL" in proc.stderr
+
+
+def test_server_without_uidplus_move_idle_or_special_use(stack, monkeypatch) -> None:
+    """An IMAP server advertising only IMAP4rev1: detection falls back to polling, Junk/Trash
+    are found by name, and cleanup only flags the probe message \\Deleted (with a warning):
+    no bare EXPUNGE, so another client's \\Deleted message survives."""
+    with IMAPClient("127.0.0.1", port=stack.imaps_port,
+                    ssl_context=client_context(ProbeSettings(tls_ca_file=stack.ca_file))) as client:
+        client.login(stack.users["legacy"].address, stack.users["legacy"].password)
+        assert client.capabilities() == (b"IMAP4REV1",)
+        client.append("INBOX", b"Subject: flagged by another client\r\n\r\nkeep\r\n", flags=[b"\\Deleted"])
+    result = _run(monkeypatch, _env(stack, to_user="legacy"))
+    assert result.success, result.error
+    assert result.cleanup_warning and "only flagged \\Deleted" in result.cleanup_warning
+    bodies = [p.read_bytes() for p in stack.messages("legacy")]
+    assert len(bodies) == 2  # nothing was expunged: the other client's message and ours (flagged)
+    assert any(b"flagged by another client" in b for b in bodies)
+    ours = [p for p in stack.messages("legacy") if b"X-Selfcheck-Token" in p.read_bytes()]
+    assert len(ours) == 1 and "T" in ours[0].name.rsplit(",", 1)[-1]  # Maildir flag T = \Deleted
