@@ -96,7 +96,7 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                                        "metricRelabelings": [{"action": "labeldrop", "regex": "instance"}]}},
         "prometheusRule": {"enabled": True, "namespace": "monitoring",
                            "failing": {"consecutiveFailures": 5, "severity": "page"},
-                           "noSuccess": {"seconds": 7200, "severity": "page"},
+                           "noSuccess": {"intervals": 3, "severity": "page"},
                            "slowReception": {"thresholdSeconds": 12.5, "for": "30m", "severity": "info"},
                            "operatorDown": {"enabled": False},
                            "additionalRules": [{"record": "mail_selfcheck:success:min",
@@ -150,6 +150,7 @@ def _exposed_metric_names() -> set[str]:
 
     registry = CollectorRegistry()
     metrics = Metrics(registry)
+    metrics.set_interval("ns", "n", 600)
     metrics.observe("ns", "n", success=True, error_class=None, send_time=0.1, reception_time=1.0,
                     consecutive_failures=0, timestamp=1.0)
     metrics.observe("ns", "n", success=False, error_class="smtp_auth", send_time=None, reception_time=None,
@@ -363,7 +364,8 @@ def test_template_optional_value_sets(control_plane, tmp_path, name):
         assert alerts["MailSelfcheckFailing"]["expr"] == (
             f"mail_selfcheck_consecutive_failures >= {failing.get('consecutiveFailures', 3)}")
         assert alerts["MailSelfcheckNoRecentSuccess"]["expr"] == (
-            f"time() - mail_selfcheck_last_success_timestamp_seconds > {rule_values.get('noSuccess', {}).get('seconds', 1200)}")
+            f"time() - mail_selfcheck_last_success_timestamp_seconds > "
+            f"{rule_values.get('noSuccess', {}).get('intervals', 2)} * mail_selfcheck_interval_seconds")
         slow = rule_values.get("slowReception", {})
         assert alerts["MailSelfcheckSlowReception"]["expr"] == (
             f"mail_selfcheck_last_reception_time_seconds > {slow.get('thresholdSeconds', 60)}")

@@ -254,6 +254,8 @@ def test_success_status_webhook_metrics_and_no_leak(control_plane, mail_stack, o
     assert f'mail_selfcheck_success{{name="demo",namespace="{ns}"}} 1.0' in text
     assert f'mail_selfcheck_checks_total{{error_class="",name="demo",namespace="{ns}",outcome="success"}}' in text
     assert "mail_selfcheck_reception_time_seconds_bucket" in text
+    assert f'mail_selfcheck_interval_seconds{{name="demo",namespace="{ns}"}} ' in text
+    assert "_created" not in text
     assert [e["reason"] for e in events(cp, ns)] == ["CheckSucceeded"], "Events on transitions only"
     assert_no_secrets(cp, ns, operator, secrets)
 

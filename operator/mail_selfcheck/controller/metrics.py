@@ -73,7 +73,15 @@ class Metrics:
         self.consecutive_failures = Gauge(
             "mail_selfcheck_consecutive_failures", "Failed checks since the last success.", _LABELS, registry=registry
         )
+        self.interval = Gauge(
+            "mail_selfcheck_interval_seconds", "Configured seconds between checks (spec.interval).", _LABELS,
+            registry=registry,
+        )
         self._outcomes: dict[tuple[str, str], set[tuple[str, str]]] = {}
+
+    def set_interval(self, namespace: str, name: str, seconds: float) -> None:
+        """Publish the resource's ``spec.interval`` (seconds), for alerts relative to it."""
+        self.interval.labels(namespace, name).set(seconds)
 
     def restore(self, namespace: str, name: str, *, success: bool | None, consecutive_failures: int,
                 last_success: float | None) -> None:
@@ -105,7 +113,7 @@ class Metrics:
     def forget(self, namespace: str, name: str) -> None:
         """Remove every series of the resource ``namespace/name``."""
         for metric in (self.success, self.last_send, self.last_reception, self.send, self.reception,
-                       self.last_success, self.consecutive_failures):
+                       self.last_success, self.consecutive_failures, self.interval):
             try:
                 metric.remove(namespace, name)
             except KeyError:

@@ -194,6 +194,7 @@ class Selfcheck:
         except ValidationError as exc:  # the CRD schema should have refused it
             self.logger.error("invalid spec, not scheduling: %s", exc.errors(include_url=False, include_input=False))
             return None
+        self.shared.metrics.set_interval(self.namespace, self.name, spec.interval)
         meta = self.body["metadata"]
         run_now = RUN_NOW_ANNOTATION in (meta.get("annotations") or {})
         decision = decide(
