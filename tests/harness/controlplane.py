@@ -499,6 +499,17 @@ def _pid_alive(pid: int, exe: str | None = None) -> bool:
     return exe is None or exe.encode() in cmdline
 
 
+def terminate(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """Stop a child process: SIGTERM, then SIGKILL after ``timeout`` seconds; reaps it."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def stop_pid(pid: int, exe: str | None = None, timeout: float = 10.0) -> None:
     """SIGTERM ``pid`` (only if it is still ``exe``), SIGKILL after ``timeout`` seconds."""
     if not _pid_alive(pid, exe):
@@ -720,14 +731,7 @@ class ControlPlane:
         etcd), SIGTERM then SIGKILL after 10 s. Idempotent."""
         for name in ("nodeagent", "kube-controller-manager", "kube-apiserver", "etcd"):
             if name in self.procs:
-                proc = self.procs.pop(name)
-                if proc.poll() is None:
-                    proc.terminate()
-                    try:
-                        proc.wait(10)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
-                        proc.wait()
+                terminate(self.procs.pop(name))
             elif name in self.pids:
                 stop_pid(*self.pids[name])
             self.pids.pop(name, None)

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.harness.controlplane import ControlPlane, build_all, find_binaries, free_port
+from tests.harness.controlplane import ControlPlane, build_all, find_binaries, free_port, terminate
 from tests.harness.mailstack import MailStack
 
 REPO = Path(__file__).resolve().parents[2]
@@ -185,12 +185,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         finally:
             say("stopping")
-            if operator is not None and operator.poll() is None:
-                operator.terminate()
-                try:
-                    operator.wait(20)
-                except subprocess.TimeoutExpired:
-                    operator.kill()
+            if operator is not None:
+                terminate(operator, timeout=20)
             cp.stop()
             if succeeded and not args.keep:
                 shutil.rmtree(workdir, ignore_errors=True)

@@ -481,8 +481,7 @@ class NodeAgent:
             if data is None:
                 if ref.optional:
                     continue
-                raise ContainerConfigError(f'{kind.lower().replace("configmap", "configmap")} '
-                                           f'"{ref.name}" not found')
+                raise ContainerConfigError(f'{kind.lower()} "{ref.name}" not found')
             for k, v in data.items():
                 env[(src.prefix or "") + k] = v
         for var in container.env or []:

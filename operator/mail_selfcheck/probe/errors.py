@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+import ssl
+
 from ..models.result import ErrorClass
 
 
@@ -19,9 +22,6 @@ class ProbeFailure(Exception):
 
 def describe_oserror(exc: BaseException) -> str:
     """Short text for a network exception (``OSError``, ``ssl.SSLError``, socket timeouts)."""
-    import ssl
-    import socket
-
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"certificate verify failed: {exc.verify_message}"
     if isinstance(exc, (socket.timeout, TimeoutError)):
