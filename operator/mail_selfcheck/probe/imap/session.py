@@ -33,10 +33,10 @@ from imapclient.imapclient import JUNK, TRASH
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError, LoginError
 
-from ..models.settings import ProbeSettings
-from .errors import ProbeFailure, describe_oserror
-from .message import TOKEN_HEADER
-from .tls import client_context
+from ...models.settings import ProbeSettings
+from ..errors import ProbeFailure, describe_oserror
+from ..message import TOKEN_HEADER
+from ..tls import client_context
 
 FAST_PHASE = 2.0  # seconds of fast NOOP polling in adaptive mode
 FAST_POLL = 0.01  # seconds between NOOPs in the fast phase
