@@ -6,8 +6,12 @@ import datetime as dt
 import json
 
 from mail_selfcheck.controller.jobs import (
+    IMAGE_PULL,
+    JOB_CONFIG,
     JOB_FAILED,
+    UNSCHEDULABLE,
     Outcome,
+    blocked_pod,
     job_manifest,
     jobs_to_delete,
     outcome_from,
@@ -127,3 +131,32 @@ def test_history_limits():
     doomed = jobs_to_delete(jobs, results=results, successful_limit=2, failed_limit=1, keep=set())
     assert sorted(doomed) == ["j0", "j1", "j2"]
     assert "running" not in jobs_to_delete(jobs, results={}, successful_limit=0, failed_limit=0, keep=set())
+
+
+def _pending_pod(waiting=None, scheduled=None):
+    status = {"phase": "Pending", "conditions": []}
+    if waiting:
+        status["containerStatuses"] = [{"name": "probe", "state": {"waiting": waiting}}]
+    if scheduled:
+        status["conditions"].append({"type": "PodScheduled", "status": "False", **scheduled})
+    return {"metadata": {"name": "demo-abc-1-xyz"}, "status": status}
+
+
+def test_blocked_pod_names_the_kubelets_reason():
+    missing = _pending_pod({"reason": "CreateContainerConfigError",
+                    "message": "couldn't find key imap-pasword in Secret mail/mail-selfcheck-credentials"})
+    out = blocked_pod(missing)
+    assert out.error_class == JOB_CONFIG and not out.success
+    assert out.error == ("probe pod demo-abc-1-xyz cannot start: CreateContainerConfigError: "
+                         "couldn't find key imap-pasword in Secret mail/mail-selfcheck-credentials")
+    assert blocked_pod(_pending_pod({"reason": "ImagePullBackOff", "message": "Back-off pulling image"})).error_class == IMAGE_PULL
+    unsched = blocked_pod(_pending_pod(scheduled={"reason": "Unschedulable", "message": "0/1 nodes are available"}))
+    assert unsched.error_class == UNSCHEDULABLE and "0/1 nodes are available" in unsched.error
+
+
+def test_pods_making_progress_are_not_blocked():
+    assert blocked_pod(_pending_pod({"reason": "ContainerCreating"})) is None
+    assert blocked_pod(_pending_pod()) is None
+    assert blocked_pod(_pending_pod(scheduled={"reason": "SchedulingGated"})) is None
+    running = {"metadata": {"name": "p"}, "status": {"containerStatuses": [{"name": "probe", "state": {"running": {}}}]}}
+    assert blocked_pod(running) is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 
 from mail_selfcheck.controller.schedule import MAX_JOB_NAME, decide, due_slot, format_time, job_name, parse_time
 
@@ -47,12 +48,26 @@ def test_suspend_stops_scheduling_but_run_now_still_runs():
     assert d.launch and d.slot == at(600)
 
 
+UID = "0b8f1c2e-1111-4a2b-9c3d-000000000001"
+OTHER_UID = "0b8f1c2e-1111-4a2b-9c3d-000000000002"
+
+
 def test_job_names_are_deterministic_and_valid():
-    assert job_name("demo", T0) == f"demo-{int(T0.timestamp())}"
+    name = job_name("demo", UID, T0)
+    assert name == job_name("demo", UID, T0) and name.startswith("demo-") and name.endswith(f"-{int(T0.timestamp())}")
     long = "a" * 200
-    name = job_name(long, T0)
-    assert len(name) <= MAX_JOB_NAME and name == job_name(long, T0) and name != job_name("a" * 199, T0)
-    assert job_name("x.y", T0).startswith("x-y-")
+    name = job_name(long, UID, T0)
+    assert len(name) <= MAX_JOB_NAME and name == job_name(long, UID, T0)
+    assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name)
+    assert job_name("x.y", UID, T0).startswith("x-y-")
+
+
+def test_job_names_differ_between_resources():
+    """``dot.name`` and ``dot-name`` (and two long names sharing a prefix) never share a Job name."""
+    assert job_name("dot.name", UID, T0) != job_name("dot-name", OTHER_UID, T0)
+    assert job_name("a" * 200, UID, T0) != job_name("a" * 199, OTHER_UID, T0)
+    # a resource deleted and re-created under its name (new UID) gets new Job names too
+    assert job_name("demo", UID, T0) != job_name("demo", OTHER_UID, T0)
 
 
 def test_time_format_round_trip():

@@ -73,7 +73,8 @@ def test_schema_rules():
     assert "timeout must be smaller than interval" in rules
     assert props["from"]["x-kubernetes-validations"][0]["message"].startswith("must be a mail address")
     quantity = props["job"]["properties"]["resources"]["properties"]["limits"]["additionalProperties"]
-    assert quantity == {"x-kubernetes-int-or-string": True}
+    assert quantity["x-kubernetes-int-or-string"] is True and "type" not in quantity
+    assert quantity["x-kubernetes-validations"][0]["message"].startswith("must be a Kubernetes quantity")
 
 
 def test_status_schema_has_the_documented_fields():
@@ -98,11 +99,27 @@ def test_valid_spec_defaults():
         ({"interval": 20, "timeout": 20}, "timeout must be smaller than interval"),
         ({"smtp": {"host": "h", "security": "ssl", "passwordSecretRef": {"name": "a", "key": "b"}}}, "starttls"),
         ({"smtp": {"host": "h"}}, "passwordSecretRef is required"),
+        ({"job": {"resources": {"limits": {"cpu": "lots"}}}}, "must be a Kubernetes quantity"),
+        ({"job": {"resources": {"requests": {"c p u": "1"}}}}, "keys must be qualified names"),
+        ({"job": {"nodeSelector": {"disk type": "ssd"}}}, "must map label keys"),
+        ({"job": {"nodeSelector": {"disktype": "fast ssd"}}}, "must map label keys"),
+        ({"job": {"serviceAccountName": "Not_Valid"}}, "should match pattern"),
+        ({"job": {"tolerations": [{"key": "k", "operator": "Exists", "value": "v"}]}}, "must not have a value"),
+        ({"job": {"tolerations": [{"operator": "Equal", "value": "v"}]}}, "without a key must have operator Exists"),
     ],
 )
 def test_invalid_specs_are_refused_like_the_api_server_does(change, message):
     with pytest.raises(ValidationError, match=message):
         MailSelfcheckSpec.model_validate({**VALID, **change})
+
+
+def test_valid_job_settings_pass():
+    spec = MailSelfcheckSpec.model_validate({**VALID, "job": {
+        "resources": {"requests": {"cpu": "50m", "memory": 67108864}, "limits": {"example.com/gpu": "1", "memory": "64Mi"}},
+        "nodeSelector": {"kubernetes.io/os": "linux", "empty": ""},
+        "tolerations": [{"operator": "Exists"}, {"key": "mail", "operator": "Equal", "value": "yes"}],
+        "serviceAccountName": "probe.sa-1"}})
+    assert spec.job.resources.requests["cpu"] == "50m"
 
 
 def test_missing_secret_ref():

@@ -60,6 +60,27 @@ DEADLINE_MARGIN = 30
 MIN_TTL = 3600
 #: Error class of a check whose Job ended without a probe result.
 JOB_FAILED = "job_failed"
+#: Error class of a check whose container cannot be created from its spec: a missing Secret,
+#: ConfigMap or key (``CreateContainerConfigError``), a runtime refusal (``CreateContainerError``).
+JOB_CONFIG = "job_config"
+#: Error class of a check whose image cannot be pulled (``ErrImagePull``, ``ImagePullBackOff``, ...).
+IMAGE_PULL = "image_pull"
+#: Error class of a check whose pod no node can take (``PodScheduled=False``, ``Unschedulable``).
+UNSCHEDULABLE = "unschedulable"
+
+#: Container ``state.waiting.reason`` values after which the kubelet cannot start the probe
+#: without a change by someone (kubelet ``images``/``kuberuntime`` reasons), with their class.
+#: ``ContainerCreating`` and ``PodInitializing`` are progress, not listed.
+BLOCKING_WAITING_REASONS = {
+    "CreateContainerConfigError": JOB_CONFIG,
+    "CreateContainerError": JOB_CONFIG,
+    "RunContainerError": JOB_CONFIG,
+    "ErrImagePull": IMAGE_PULL,
+    "ImagePullBackOff": IMAGE_PULL,
+    "InvalidImageName": IMAGE_PULL,
+    "ErrImageNeverPull": IMAGE_PULL,
+    "CrashLoopBackOff": JOB_FAILED,
+}
 
 
 # ----------------------------------------------------------------------------- manifest
@@ -262,6 +283,30 @@ def _waiting_reason(pods: list[dict[str, Any]]) -> str | None:
     return None
 
 
+def blocked_pod(pod: dict[str, Any]) -> Outcome | None:
+    """The failed check for a probe pod that cannot start, or None while it can still run.
+
+    A pod blocks when its container waits for one of :data:`BLOCKING_WAITING_REASONS`
+    (the kubelet's message says what is wrong: ``couldn't find key imap-password in Secret
+    mail/creds``), or when the scheduler reports ``PodScheduled=False`` with reason
+    ``Unschedulable`` (https://kubernetes.io/docs/concepts/workloads/pods/pod-lifecycle/).
+    Such a check ends at once with that message instead of at the Job's deadline.
+    """
+    name = (pod.get("metadata") or {}).get("name", "?")
+    status = pod.get("status") or {}
+    for cstatus in status.get("containerStatuses") or []:
+        waiting = (cstatus.get("state") or {}).get("waiting") or {}
+        error_class = BLOCKING_WAITING_REASONS.get(waiting.get("reason", ""))
+        if error_class:
+            detail = _short(f"{waiting['reason']}: {waiting.get('message', '')}".rstrip(": "))
+            return Outcome(success=False, error=f"probe pod {name} cannot start: {detail}", error_class=error_class)
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and cond.get("reason") == "Unschedulable":
+            detail = _short(f"Unschedulable: {cond.get('message', '')}".rstrip(": "))
+            return Outcome(success=False, error=f"probe pod {name} cannot be scheduled: {detail}", error_class=UNSCHEDULABLE)
+    return None
+
+
 def parse_result(message: str) -> ProbeResult | None:
     """The probe result in a termination message: the whole message, else its last JSON line."""
     candidates = [message] + [line for line in reversed(message.splitlines()) if line.startswith("{")]
@@ -352,6 +397,21 @@ async def call_json(fn: Callable[..., Any], *args: Any, parse: bool = True, **kw
     return await asyncio.to_thread(call)
 
 
+class JobNameConflict(Exception):
+    """The slot's Job name is taken by a Job this resource does not own (never adopted)."""
+
+
+def api_refusal(exc: ApiException) -> str:
+    """The API server's reason for refusing a request: ``Status.message`` of the response body
+    (``Job.batch "x" is invalid: spec.template...: Invalid value: ...``), else ``HTTP <code> <reason>``.
+    """
+    try:
+        message = json.loads(exc.body or "{}").get("message")
+    except (ValueError, AttributeError):
+        message = None
+    return _short(message, 900) if message else f"HTTP {exc.status} {exc.reason}"
+
+
 class JobsApi:
     """Async facade over ``BatchV1Api``/``CoreV1Api`` for the probe Jobs (raw JSON dicts in and out).
 
@@ -364,7 +424,16 @@ class JobsApi:
         self.core = client.CoreV1Api(api_client)
 
     async def create(self, manifest: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-        """Create the Job; on 409 AlreadyExists return the existing one. Returns ``(job, created)``."""
+        """Create the Job; on 409 AlreadyExists return the existing one. Returns ``(job, created)``.
+
+        A Job that already exists is adopted only when its controller owner reference is the
+        manifest's owner (same UID).
+
+        Raises:
+            JobNameConflict: the existing Job belongs to someone else.
+            kubernetes.client.rest.ApiException: any other refusal (422 Invalid: the API
+                server's message is in ``exc.body``, see :func:`api_refusal`).
+        """
         ns, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
         try:
             return await call_json(self.batch.create_namespaced_job, ns, manifest), True
@@ -374,6 +443,10 @@ class JobsApi:
         existing = await self.get(ns, name)
         if existing is None:  # deleted in between: treat as launched and gone
             return {"metadata": {"name": name, "namespace": ns}}, False
+        owner_uid = manifest["metadata"]["ownerReferences"][0]["uid"]
+        owners = {o.get("uid") for o in existing["metadata"].get("ownerReferences") or [] if o.get("controller")}
+        if owners != {owner_uid}:
+            raise JobNameConflict(f"Job {ns}/{name} already exists and is not owned by this MailSelfcheck")
         return existing, False
 
     async def get(self, namespace: str, name: str) -> dict[str, Any] | None:

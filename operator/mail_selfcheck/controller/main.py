@@ -13,7 +13,7 @@ import kopf
 def _quiet_wakeups(record: logging.LogRecord) -> bool:
     """Drop kopf's per-event success lines of the wake-up handlers (one per watch event)."""
     message = record.getMessage()
-    return not (message.startswith("Handler 'resource_changed'") or message.startswith("Handler 'job_changed'"))
+    return not message.startswith(("Handler 'resource_changed'", "Handler 'job_changed'", "Handler 'pod_changed'"))
 
 
 #: glibc ``mallopt`` parameter number of ``M_ARENA_MAX`` (malloc.h).
@@ -51,7 +51,8 @@ def run_operator(namespaces: list[str], liveness: str | None, metrics_port: int 
         the process exit code (0 after a clean stop).
     """
     _limit_malloc_arenas()
-    kopf.configure(verbose=verbose)
+    # log_prefix: every line about a resource starts with "[namespace/name]".
+    kopf.configure(verbose=verbose, log_prefix=True)
     if not verbose:
         for handler in logging.getLogger().handlers:
             handler.addFilter(_quiet_wakeups)
@@ -63,7 +64,7 @@ def run_operator(namespaces: list[str], liveness: str | None, metrics_port: int 
     asyncio.run(
         kopf.operator(
             clusterwide=not namespaces,
-            namespaces=namespaces or None,
+            namespaces=namespaces,  # a list, empty when cluster-wide (kopf iterates it: never None)
             liveness_endpoint=liveness,
             standalone=True,
             memo=kopf.Memo(metrics_port=metrics_port),

@@ -32,17 +32,34 @@ from pydantic import ValidationError
 
 from ..models.spec import GROUP, PLURAL, VERSION, MailSelfcheckSpec
 from . import jobs as jobs_mod
-from .jobs import JobsApi, Outcome, call_json, job_finished, job_manifest, jobs_to_delete, outcome_from
+from .jobs import (
+    JobNameConflict, JobsApi, Outcome, api_refusal, call_json, job_finished, job_manifest, jobs_to_delete,
+    outcome_from,
+)
 from .metrics import Metrics
 from .schedule import decide, format_time, job_name, parse_time
-from .status import harvest_patch, launched_patch, pending_condition
+from .status import harvest_patch, launched_patch, pending_condition, refused_patch
 
+#: The finalizer round-1 operators put on every MailSelfcheck; removed on sight (the daemon
+#: needs none, see :func:`.handlers._daemon_without_finalizer`). Never added any more.
+LEGACY_FINALIZER = f"{GROUP}/finalizer"
 #: Annotation that triggers one immediate check; removed by the operator once launched.
 RUN_NOW_ANNOTATION = f"{GROUP}/run-now"
 #: Longest sleep between passes (seconds), a safety net for missed watch events.
 MAX_IDLE = 300.0
 #: While a Job runs: seconds between fallback reads of it (watch events normally wake us).
 ACTIVE_POLL = 30.0
+#: Seconds before retrying a Job the API server refused (doubling up to :data:`REFUSED_MAX`);
+#: a change of the spec retries at once.
+REFUSED_BACKOFF = 10.0
+REFUSED_MAX = 600.0
+#: HTTP statuses of a Job creation that retrying the same manifest cannot fix soon: the spec
+#: is invalid (400, 422) or an admission plugin/quota refuses it (403).
+REFUSED_STATUSES = {400: "InvalidJobSpec", 403: "JobForbidden", 422: "InvalidJobSpec"}
+#: ``status.errorClass`` of a refused Job.
+JOB_REFUSED = "job_refused"
+#: Seconds between two retries of a failing API call (network, 5xx), doubling up to ``MAX_IDLE``.
+API_RETRY = 5.0
 
 Clock = Callable[[], dt.datetime]
 
@@ -59,6 +76,7 @@ class Shared:
     metrics: Metrics
     clock: Clock = utcnow
     wakeups: dict[tuple[str, str], "Selfcheck"] = field(default_factory=dict)
+    by_uid: dict[str, "Selfcheck"] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.jobs = JobsApi(self.api_client)
@@ -73,6 +91,18 @@ class Shared:
         loop = self.wakeups.get((namespace, name))
         if loop is not None:
             loop.wake(job=job)
+
+    def wake_uid(self, uid: str, *, blocked: Outcome) -> None:
+        """Wake the loop of the resource with ``metadata.uid`` ``uid``: its probe pod cannot start."""
+        loop = self.by_uid.get(uid)
+        if loop is not None:
+            loop.wake(blocked=blocked)
+
+    def stop(self, namespace: str, name: str, *, uid: str | None) -> None:
+        """The resource was deleted: end its loop (no finalizer holds the resource for kopf)."""
+        loop = self.wakeups.get((namespace, name))
+        if loop is not None and (uid is None or loop.uid == uid):
+            loop.stop()
 
 
 class Selfcheck:
@@ -95,10 +125,18 @@ class Selfcheck:
         # server). None = not listed yet.
         self._jobs: dict[str, dict[str, Any]] | None = None
         self._next_job_poll = shared.clock()
+        self._blocked: Outcome | None = None  # the active Job's pod cannot start (from the pod watch)
+        self._deleted = False
+        # A refused Job creation: (generation, message, retry at, back-off seconds).
+        self._refused: tuple[Any, str, dt.datetime, float] | None = None
+        self._api_retry = API_RETRY
 
     # -------------------------------------------------------------- plumbing
 
-    def wake(self, *, job: dict[str, Any] | None | bool = False) -> None:
+    def wake(self, *, job: dict[str, Any] | None | bool = False, blocked: Outcome | None = None) -> None:
+        if blocked is not None:
+            self._blocked = blocked
+            self._check_job = True
         if job is not False:
             self._check_job = True
             if job is not None:
@@ -113,6 +151,10 @@ class Selfcheck:
         )  # fmt: skip
         self.status = resp.get("status") or {}
 
+    def stop(self) -> None:
+        self._deleted = True
+        self._event.set()
+
     async def _patch_meta(self, patch: dict[str, Any]) -> None:
         await call_json(
             self.shared.custom.patch_namespaced_custom_object,
@@ -126,21 +168,49 @@ class Selfcheck:
         """Reconcile until ``stopped``; removes the resource's metrics if it was deleted."""
         key = (self.namespace, self.name)
         self.shared.wakeups[key] = self
+        self.shared.by_uid[self.uid] = self
+        started = False
         try:
-            await self.start()
-            while not stopped:
+            while not stopped and not self._deleted:
                 self._event.clear()
                 try:
+                    if not started:
+                        await self.start()
+                        started = True
                     wake_at = await self.reconcile()
-                except (client.ApiException, urllib3.exceptions.HTTPError, OSError) as exc:  # API hiccup: retry soon, keep the loop
-                    self.logger.warning("reconcile failed, retrying in 5 s: %s", _api_error(exc))
-                    wake_at = self.shared.clock() + dt.timedelta(seconds=5)
+                    self._api_retry = API_RETRY
+                except (client.ApiException, urllib3.exceptions.HTTPError, OSError) as exc:  # API hiccup: retry, keep the loop
+                    if isinstance(exc, client.ApiException) and exc.status == 404 and not await self._exists():
+                        break  # deleted while we were not watching
+                    self.logger.warning("reconcile failed, retrying in %.0f s: %s", self._api_retry, _api_error(exc))
+                    wake_at = self.shared.clock() + dt.timedelta(seconds=self._api_retry)
+                    self._api_retry = min(2 * self._api_retry, MAX_IDLE)
                 timeout = MAX_IDLE if wake_at is None else max(0.0, (wake_at - self.shared.clock()).total_seconds())
                 await _first(self._event.wait(), stopped.wait(), timeout=min(timeout, MAX_IDLE))
         finally:
-            self.shared.wakeups.pop(key, None)
-            if stopped.reason and stopped.reason & kopf.DaemonStoppingReason.RESOURCE_DELETED:
+            if self.shared.wakeups.get(key) is self:
+                del self.shared.wakeups[key]
+            if self.shared.by_uid.get(self.uid) is self:
+                del self.shared.by_uid[self.uid]
+            if self._deleted or (stopped.reason and stopped.reason & kopf.DaemonStoppingReason.RESOURCE_DELETED):
                 self.shared.metrics.forget(self.namespace, self.name)
+                self.logger.info("deleted: reconcile loop stopped, its series removed")
+
+    async def _exists(self) -> bool:
+        """Whether this resource (same UID) still exists; if not, the loop ends."""
+        try:
+            got = await call_json(
+                self.shared.custom.get_namespaced_custom_object, GROUP, VERSION, self.namespace, PLURAL, self.name
+            )
+        except client.ApiException as exc:
+            if exc.status != 404:
+                return True  # cannot tell: keep the loop
+            got = None
+        except (urllib3.exceptions.HTTPError, OSError):
+            return True
+        if got is None or got["metadata"].get("uid") != self.uid:
+            self._deleted = True
+        return not self._deleted
 
     async def start(self) -> None:
         """Restore metrics from status, set ``Ready=Unknown`` if new, adopt an unrecorded Job."""
@@ -154,8 +224,24 @@ class Selfcheck:
         patch = pending_condition(st, generation=self.body["metadata"].get("generation"), now=self.shared.clock())
         if patch:
             await self._patch_status(patch)
+        await self._drop_legacy_finalizer()
         if not self.status.get("active"):
             await self._adopt()
+
+    async def _drop_legacy_finalizer(self) -> None:
+        """Remove the finalizer of round-1 operators, so deleting the resource never waits for us."""
+        finalizers = list(self.body["metadata"].get("finalizers") or [])
+        if LEGACY_FINALIZER not in finalizers or self.body["metadata"].get("deletionTimestamp"):
+            return
+        index = finalizers.index(LEGACY_FINALIZER)
+        path = f"/metadata/finalizers/{index}"
+        await call_json(
+            self.shared.custom.patch_namespaced_custom_object,
+            GROUP, VERSION, self.namespace, PLURAL, self.name,
+            [{"op": "test", "path": path, "value": LEGACY_FINALIZER}, {"op": "remove", "path": path}],
+            _content_type="application/json-patch+json", parse=False,
+        )  # fmt: skip
+        self.logger.info("removed the finalizer %s (deletion no longer waits for the operator)", LEGACY_FINALIZER)
 
     async def _adopt(self) -> None:
         known = {h.get("job") for h in self.status.get("history") or []} | {self.status.get("lastHarvestedJob")}
@@ -183,10 +269,16 @@ class Selfcheck:
             if job is None:
                 job = await self.shared.jobs.get(self.namespace, active["name"])
             self._seen_jobs.clear()
+            blocked, self._blocked = self._blocked, None
             if job is not None and not job_finished(job):
-                self._next_job_poll = now + dt.timedelta(seconds=ACTIVE_POLL)
-                return self._next_job_poll
-            await self.harvest(active, job)
+                if blocked is None:
+                    self._next_job_poll = now + dt.timedelta(seconds=ACTIVE_POLL)
+                    return self._next_job_poll
+                # The pod cannot start: end the check now with the kubelet's reason.
+                await self.shared.jobs.delete(self.namespace, active["name"])
+                await self.harvest(active, None, outcome=blocked)
+            else:
+                await self.harvest(active, job)
             now = self.shared.clock()
 
         try:
@@ -208,13 +300,26 @@ class Selfcheck:
         )
         if not decision.launch:
             return decision.wake_at
-        await self.launch(spec, decision.slot, run_now=run_now)
+        generation = meta.get("generation")
+        if self._refused is not None:
+            refused_generation, _, retry_at, _ = self._refused
+            if refused_generation == generation and now < retry_at:
+                return retry_at
+        try:
+            await self.launch(spec, decision.slot, run_now=run_now)
+        except JobNameConflict as exc:
+            return await self._refuse(generation, "JobNameConflict", str(exc))
+        except client.ApiException as exc:
+            if exc.status not in REFUSED_STATUSES:
+                raise
+            return await self._refuse(generation, REFUSED_STATUSES[exc.status], f"the API server refused the probe Job: {api_refusal(exc)}")
+        self._refused = None
         self._next_job_poll = self.shared.clock() + dt.timedelta(seconds=ACTIVE_POLL)
         return self._next_job_poll
 
     async def launch(self, spec: MailSelfcheckSpec, slot: dt.datetime, *, run_now: bool) -> None:
         """Create the slot's Job (409 = already launched) and record it as active."""
-        name = job_name(self.name, slot)
+        name = job_name(self.name, self.uid, slot)
         manifest = job_manifest(
             name=name, namespace=self.namespace, owner_name=self.name, owner_uid=self.uid, spec=spec, slot=slot
         )
@@ -231,9 +336,35 @@ class Selfcheck:
         if run_now:
             await self._patch_meta({"metadata": {"annotations": {RUN_NOW_ANNOTATION: None}}})
 
-    async def harvest(self, active: dict[str, Any], job: dict[str, Any] | None) -> None:
-        """Record the finished (or vanished) Job's outcome, emit a transition Event, prune old Jobs."""
-        if job is None:
+    async def _refuse(self, generation: Any, reason: str, message: str) -> dt.datetime:
+        """The Job for this spec cannot be created: say why in status (``Ready=False``) and one
+        Warning Event, and back off (doubling) until the spec changes. Returns the retry time."""
+        previous = self._refused
+        same = previous is not None and previous[0] == generation and previous[1] == message
+        delay = min(2 * previous[3], REFUSED_MAX) if same else REFUSED_BACKOFF
+        retry_at = self.shared.clock() + dt.timedelta(seconds=delay)
+        self._refused = (generation, message, retry_at, delay)
+        if same:
+            self.logger.debug("Job still refused, next try in %.0f s", delay)
+            return retry_at
+        self.logger.warning("%s: %s (next try in %.0f s, or when the spec changes)", reason, message, delay)
+        await self._patch_status(
+            refused_patch(self.status, reason=reason, message=message, error_class=JOB_REFUSED,
+                          generation=generation, now=self.shared.clock())
+        )  # fmt: skip
+        kopf.event(self.body, type="Warning", reason=reason, message=message[:1000])
+        return retry_at
+
+    async def harvest(self, active: dict[str, Any], job: dict[str, Any] | None, *, outcome: Outcome | None = None) -> None:
+        """Record the finished (or vanished) Job's outcome, emit a transition Event, prune old Jobs.
+
+        ``outcome``: the check's outcome when it is already known (its pod cannot start and
+        the Job was deleted); otherwise it is read from the Job's pods.
+        """
+        if outcome is not None:
+            if self._jobs is not None:
+                self._jobs.pop(active["name"], None)
+        elif job is None:
             outcome = Outcome.job_failed(f"Job {active['name']} disappeared before its result was read")
             if self._jobs is not None:
                 self._jobs.pop(active["name"], None)
@@ -251,10 +382,10 @@ class Selfcheck:
             now=now,
         )
         await self._patch_status(patch)
-        self.logger.info(
-            "check %s: %s%s", active["name"], "success" if outcome.success else "failure",
-            "" if outcome.success else f" ({outcome.error_class}): {outcome.error}",
-        )  # fmt: skip
+        if outcome.success:
+            self.logger.info("check %s: success", active["name"])
+        else:
+            self.logger.warning("check %s: failure (%s): %s", active["name"], outcome.error_class, outcome.error)
         self.shared.metrics.observe(
             self.namespace, self.name, success=outcome.success, error_class=outcome.error_class,
             send_time=outcome.send_time, reception_time=outcome.reception_time,
@@ -303,5 +434,5 @@ async def _first(*aws: Any, timeout: float) -> None:
 
 def _api_error(exc: BaseException) -> str:
     if isinstance(exc, client.ApiException):
-        return f"HTTP {exc.status} {exc.reason}"
+        return f"HTTP {exc.status} {exc.reason}: {api_refusal(exc)}" if exc.body else f"HTTP {exc.status} {exc.reason}"
     return f"{type(exc).__name__}: {exc}"

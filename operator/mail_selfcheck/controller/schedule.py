@@ -9,8 +9,8 @@ Semantics follow the Kubernetes CronJob controller
 * missed slots are not caught up one by one: after downtime only the most recent missed slot
   runs (``startingDeadlineSeconds``-less CronJob behaviour, without its 100-miss limit);
 * ``concurrencyPolicy: Forbid``: no slot is launched while a Job is active;
-* Job names are deterministic per slot, so creating the same slot twice yields
-  ``409 AlreadyExists`` instead of a second Job.
+* Job names are deterministic per resource UID and slot, so creating the same slot twice
+  yields ``409 AlreadyExists`` instead of a second Job.
 
 All times are timezone-aware ``datetime`` objects in UTC; intervals are seconds.
 """
@@ -107,16 +107,17 @@ def decide(
     return Decision(False, wake_at=slot, reason="not yet due")
 
 
-def job_name(resource_name: str, slot: dt.datetime) -> str:
-    """Deterministic Job name for a resource and a slot: ``<name>-<unix seconds of slot>``.
+def job_name(resource_name: str, resource_uid: str, slot: dt.datetime) -> str:
+    """Deterministic Job name for a resource and a slot: ``<name>-<uid hash>-<unix seconds of slot>``.
 
-    Names too long for :data:`MAX_JOB_NAME` are shortened and disambiguated with a hash of
-    the full name. The result is a valid DNS-1123 label.
+    ``<uid hash>`` is 6 hex digits of SHA-256 of the resource's ``metadata.uid``, so two
+    resources whose names differ only where a Job name cannot (``dot.name`` and
+    ``dot-name``: dots become dashes), or a resource deleted and re-created under the same
+    name, never share a Job name; the owner reference is still checked before a Job is
+    adopted (:meth:`.jobs.JobsApi.create`). Names too long for :data:`MAX_JOB_NAME` are
+    shortened. The result is a valid DNS-1123 label.
     """
-    suffix = str(int(slot.timestamp()))
+    suffix = f"{hashlib.sha256(resource_uid.encode()).hexdigest()[:6]}-{int(slot.timestamp())}"
     room = MAX_JOB_NAME - len(suffix) - 1
-    base = resource_name
-    if len(base) > room:
-        digest = hashlib.sha256(resource_name.encode()).hexdigest()[:8]
-        base = resource_name[: room - 9].rstrip("-.") + "-" + digest
-    return f"{base.replace('.', '-')}-{suffix}"
+    base = resource_name.replace(".", "-")[:room].rstrip("-")
+    return f"{base}-{suffix}"

@@ -149,6 +149,27 @@ def transition(previous_success: bool | None, outcome: Outcome) -> Transition | 
     return None
 
 
+def refused_patch(
+    status: dict[str, Any], *, reason: str, message: str, error_class: str, generation: int | None, now: dt.datetime
+) -> dict[str, Any]:
+    """Patch recording that no check could be launched: the API server refused the Job.
+
+    ``Ready=False`` with ``reason`` (``InvalidJobSpec``, ``JobForbidden``, ``JobNameConflict``)
+    and the API server's ``message``; ``error``/``errorClass`` show it in ``kubectl get``.
+    The last check's ``success``, times and history are kept (no check ran).
+    """
+    return {
+        "status": {
+            "error": message,
+            "errorClass": error_class,
+            "conditions": ready_condition(
+                status.get("conditions"), ok=False, reason=reason, message=message, generation=generation, now=now
+            ),
+            "observedGeneration": generation,
+        }
+    }
+
+
 def pending_condition(status: dict[str, Any], *, generation: int | None, now: dt.datetime) -> dict[str, Any] | None:
     """Patch setting ``Ready=Unknown`` before the first result (None once a condition exists)."""
     if status.get("conditions"):

@@ -23,7 +23,7 @@ import re
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from .common import ADDRESS_PATTERN, DEFAULT_INTERVAL, DEFAULT_TIMEOUT, ImapSecurity, SmtpSecurity
@@ -56,8 +56,67 @@ Address = Annotated[
     Field(min_length=3, max_length=254, json_schema_extra={"x-kubernetes-validations": [_address_rule()]}),
 ]
 Port = Annotated[int, Field(ge=1, le=65535)]
-Quantity = Annotated[int | str, WithJsonSchema({"x-kubernetes-int-or-string": True})]
 DNS_NAME = Annotated[str, Field(min_length=1, max_length=253)]
+
+# What the Job API validates about the pod template, checked at admission so that a spec the
+# API server would accept but the Job API refuse (HTTP 422) is refused with a readable
+# message instead. Patterns are k8s.io/apimachinery's: resource.Quantity (its OpenAPI
+# pattern), validation.IsQualifiedName (label keys, resource names) and IsValidLabelValue,
+# IsDNS1123Subdomain (service account names). CEL regexes are RE2.
+QUANTITY_PATTERN = r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$"
+_QUALIFIED_NAME = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+_LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+_QUANTITY_MESSAGE = "must be a Kubernetes quantity such as 100m, 0.5, 64Mi or 1G"
+_KEY_MESSAGE = "keys must be qualified names such as cpu, memory or example.com/gpu (letters, digits, -, _, .; at most 63 characters after an optional DNS prefix and /)"
+_LABEL_MESSAGE = "must map label keys (such as kubernetes.io/os or disktype) to label values (at most 63 letters, digits, -, _ or ., starting and ending with a letter or digit)"
+#: Most entries of a node selector or a requests/limits map (keeps the CEL cost bounded).
+MAX_MAP_ENTRIES = 32
+
+
+def _cel(pattern: str) -> str:
+    assert '"' not in pattern
+    return f'r"{pattern}"'
+
+
+def _check_quantity(value: int | str) -> int | str:
+    if isinstance(value, str) and not re.match(QUANTITY_PATTERN, value):
+        raise ValueError(_QUANTITY_MESSAGE)
+    return value
+
+
+Quantity = Annotated[
+    int | str,
+    AfterValidator(_check_quantity),
+    WithJsonSchema(
+        {
+            "x-kubernetes-int-or-string": True,
+            "x-kubernetes-validations": [
+                {"rule": f"type(self) == int || string(self).matches({_cel(QUANTITY_PATTERN)})", "message": _QUANTITY_MESSAGE}
+            ],
+        }
+    ),
+]
+
+
+def _check_keys(value: dict[str, Any] | None, pattern: str, message: str) -> dict[str, Any] | None:
+    if value and not all(re.match(pattern, k) for k in value):
+        raise ValueError(message)
+    return value
+
+
+def _resource_map(description: str) -> Any:
+    return Field(
+        None,
+        max_length=MAX_MAP_ENTRIES,
+        description=description,
+        json_schema_extra={
+            "x-kubernetes-validations": [{"rule": f"self.all(k, k.matches({_cel(_QUALIFIED_NAME)}))", "message": _KEY_MESSAGE}]
+        },
+    )
 
 
 class _Model(BaseModel):
@@ -150,18 +209,46 @@ class TlsSettings(_Model):
 class ResourceRequirements(_Model):
     """Container compute resources (``core/v1 ResourceRequirements``), e.g. ``{cpu: 100m}``."""
 
-    requests: dict[str, Quantity] | None = None
-    limits: dict[str, Quantity] | None = None
+    requests: dict[str, Quantity] | None = _resource_map("Requested amounts, e.g. {cpu: 50m, memory: 64Mi}.")
+    limits: dict[str, Quantity] | None = _resource_map("Upper limits, e.g. {memory: 128Mi}.")
+
+    @field_validator("requests", "limits")
+    @classmethod
+    def _names(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return _check_keys(value, _QUALIFIED_NAME, _KEY_MESSAGE)
 
 
 class Toleration(_Model):
     """A pod toleration (``core/v1 Toleration``)."""
 
-    key: str | None = None
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+                    "message": "a toleration with operator Exists must not have a value",
+                },
+                {
+                    "rule": "has(self.key) && self.key != '' || has(self.operator) && self.operator == 'Exists'",
+                    "message": "a toleration without a key must have operator Exists",
+                },
+            ]
+        }
+    )
+
+    key: str | None = Field(None, max_length=317)
     operator: Literal["Exists", "Equal"] | None = None
     value: str | None = None
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
     toleration_seconds: int | None = None
+
+    @model_validator(mode="after")
+    def _value_rules(self) -> "Toleration":
+        if self.operator == "Exists" and self.value:
+            raise ValueError("a toleration with operator Exists must not have a value")
+        if not self.key and self.operator != "Exists":
+            raise ValueError("a toleration without a key must have operator Exists")
+        return self
 
 
 class JobSettings(_Model):
@@ -178,9 +265,33 @@ class JobSettings(_Model):
         "It must write the result JSON to /dev/termination-log.",
     )
     resources: ResourceRequirements | None = None
-    node_selector: dict[str, str] | None = None
-    tolerations: list[Toleration] | None = None
-    service_account_name: str | None = Field(None, description="Default: the namespace's default (token not mounted).")
+    node_selector: dict[str, str] | None = Field(
+        None,
+        max_length=MAX_MAP_ENTRIES,
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": f"self.all(k, k.matches({_cel(_QUALIFIED_NAME)}) && self[k].matches({_cel(_LABEL_VALUE)}))",
+                    "message": _LABEL_MESSAGE,
+                }
+            ]
+        },
+    )
+    tolerations: list[Toleration] | None = Field(None, max_length=MAX_MAP_ENTRIES)
+    service_account_name: str | None = Field(
+        None,
+        max_length=253,
+        pattern=DNS_SUBDOMAIN_PATTERN,
+        description="Default: the namespace's default (token not mounted). A DNS-1123 subdomain (lower case).",
+    )
+
+    @field_validator("node_selector")
+    @classmethod
+    def _labels(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        _check_keys(value, _QUALIFIED_NAME, _LABEL_MESSAGE)
+        if value and not all(re.match(_LABEL_VALUE, v) for v in value.values()):
+            raise ValueError(_LABEL_MESSAGE)
+        return value
 
 
 class MailSelfcheckSpec(_Model):
@@ -305,6 +416,7 @@ _KEEP = {
     "maxLength",
     "minItems",
     "maxItems",
+    "maxProperties",
     "pattern",
     "format",
     "x-kubernetes-validations",
