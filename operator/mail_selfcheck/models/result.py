@@ -58,6 +58,12 @@ class ProbeResult(BaseModel):
     folder: str | None = Field(default=None, description="IMAP folder the message was found in.")
     smtp_reply: str | None = Field(default=None, description="Final reply of the SMTP server to DATA.")
     cleanup_warning: str | None = Field(default=None, description="Set when the probe message could not be removed.")
+    leftover_count: int | None = Field(
+        default=None,
+        ge=0,
+        description="The probe's own messages (this run's and earlier runs' past the sweep age) still in the "
+        "mailbox after cleanup; 0 when clean, None when cleanup could not look.",
+    )
     duration: float | None = Field(default=None, description="Seconds the whole run took.")
 
     def to_json(self) -> str:

@@ -67,6 +67,10 @@ class ProbeSettings(BaseSettings):
     imap_folder: str = Field("INBOX", min_length=1)
     imap_detection: Detection = "adaptive"
     imap_poll_interval: float = Field(0.1, gt=0, le=60, description="Seconds between polls for detection=poll.")
+    imap_junk_folders: str | None = Field(
+        None,
+        description="Comma-separated extra junk folder names, looked at besides \\Junk and the known names.",
+    )
 
     tls_ca_file: Path | None = Field(None, description="PEM CA bundle to verify servers with (default: system CAs).")
     tls_ca_pem: str | None = Field(
@@ -137,6 +141,11 @@ class ProbeSettings(BaseSettings):
     @property
     def imap_login(self) -> str:
         return self.imap_username or self.to_address
+
+    @property
+    def imap_junk_folder_names(self) -> list[str]:
+        """``imap_junk_folders`` split at commas, blanks removed."""
+        return [n.strip() for n in (self.imap_junk_folders or "").split(",") if n.strip()]
 
     def secret_values(self) -> list[str]:
         """Every confidential string of this configuration, for redaction."""

@@ -17,7 +17,7 @@ from ..models.result import ProbeResult
 from ..models.settings import ProbeSettings
 from . import smtp
 from .errors import ProbeFailure
-from .imap import Mailbox
+from .imap import CleanupReport, Mailbox
 from .message import IntegrityError, build_message, make_token, verify_message
 
 CLEANUP_BUDGET = 5.0  # seconds per cleanup attempt (at most two)
@@ -72,7 +72,7 @@ def run_probe(settings: ProbeSettings) -> ProbeResult:
             )
         fields["reception_time"] = round(waited, 3)
         log.debug("message_received", folder=found.folder, uid=found.uid, reception_time=waited)
-        raw = mailbox.fetch(found)
+        raw = mailbox.fetch(found, max(deadline, time.monotonic() + 2.0))
         try:
             verify_message(
                 raw,
@@ -93,7 +93,9 @@ def run_probe(settings: ProbeSettings) -> ProbeResult:
         log.debug("probe_internal_error", exc_info=True)
         fields.update(error=f"internal error: {type(exc).__name__}: {exc}", error_class="internal")
     finally:
-        fields["cleanup_warning"] = _cleanup(settings, mailbox, nonce, secret, sent is not None)
+        report = _cleanup(settings, mailbox, nonce, secret, sent is not None, fields.get("message_id"))
+        fields["cleanup_warning"] = report.warning
+        fields["leftover_count"] = report.leftover_count
     fields["duration"] = round(time.monotonic() - started, 3)
     secrets = settings.secret_values() + [token]
     for key in ("error", "smtp_reply", "cleanup_warning"):
@@ -101,16 +103,19 @@ def run_probe(settings: ProbeSettings) -> ProbeResult:
     return ProbeResult(**fields)
 
 
-def _cleanup(settings: ProbeSettings, mailbox: Mailbox, nonce: str, secret: str, sent: bool) -> str | None:
+def _cleanup(
+    settings: ProbeSettings, mailbox: Mailbox, nonce: str, secret: str, sent: bool, message_id: str | None
+) -> CleanupReport:
     """Step 6, bounded by :data:`CLEANUP_BUDGET` seconds per attempt.
 
     Uses the run's IMAP session; when it is unusable (or broke) and a message was sent, one
-    fresh session is tried. Returns a warning, or ``None`` when nothing was left behind.
+    fresh session is tried. Returns the warning (``None`` when nothing was left behind) and
+    the number of the probe's own messages left (``None`` when unknown).
     """
     attempts = [mailbox] if mailbox.ready else []
     if sent:
         attempts.append(None)  # a fresh session, if the first attempt fails or is impossible
-    warning: str | None = None
+    report = CleanupReport(None, 0 if not attempts else None)
     for candidate in attempts:
         box = candidate
         try:
@@ -118,17 +123,17 @@ def _cleanup(settings: ProbeSettings, mailbox: Mailbox, nonce: str, secret: str,
                 box = Mailbox(settings)
                 box.open(time.monotonic() + CLEANUP_BUDGET)
             box.client.socket().settimeout(CLEANUP_BUDGET)
-            warning = box.cleanup(nonce, secret, settings.timeout)
-            if warning is None or not warning.startswith("cleanup failed"):
+            report = box.cleanup(nonce, secret, settings.timeout, message_id)
+            if report.warning is None or not report.warning.startswith("cleanup failed"):
                 break
         except ProbeFailure as exc:
-            warning = f"cleanup not possible: {exc}"
+            report = CleanupReport(f"cleanup not possible: {exc}", None)
         except Exception as exc:
-            warning = f"cleanup failed: {type(exc).__name__}: {exc}"
+            report = CleanupReport(f"cleanup failed: {type(exc).__name__}: {exc}", None)
         finally:
             if box is not None:
                 box.close()
     mailbox.close()
-    if warning:
-        log.warning("cleanup_incomplete", warning=warning)
-    return warning
+    if report.warning:
+        log.warning("cleanup_incomplete", warning=report.warning, leftover_count=report.leftover_count)
+    return report

@@ -6,6 +6,7 @@
 * :mod:`.cleanup` -- what may be deleted (exact token check) and how.
 """
 
+from .cleanup import CleanupReport
 from .session import Found, Mailbox
 
-__all__ = ["Found", "Mailbox"]
+__all__ = ["CleanupReport", "Found", "Mailbox"]

@@ -1,24 +1,17 @@
-"""TO's mailbox over IMAP4rev1 (RFC 3501) with IMAPClient: open, detect arrival, fetch, clean up.
+"""One IMAP4rev1 session (RFC 3501) on TO's mailbox with IMAPClient: connect, TLS, log in,
+select, per-command timeouts, reconnect; the :class:`Mailbox` the run works with.
 
-Arrival detection (``imap_detection``):
+TLS: implicit (``tls``, RFC 8314 3.2), ``STARTTLS`` (RFC 3501 6.2.1; credentials are never
+sent if it fails) or ``plain`` (lab stacks only).
 
-* ``adaptive`` (default): NOOP every 10 ms for the first 2 s (a NOOP is one loopback round
-  trip; RFC 3501 6.1.2 lets the server report new mail as an untagged EXISTS), a
-  ``UID SEARCH UID <uidnext>:* HEADER X-Selfcheck-Token <nonce>`` only when EXISTS grows
-  (and once a second regardless). After 2 s it waits in IDLE (RFC 2177) where offered,
-  re-issued every 5 s, else NOOP with exponential backoff up to 2 s: fast in the common
-  case, quiet on long waits.
-* ``idle``: IDLE from the start (Dovecot notifies about 0.5 s after delivery).
-* ``poll``: NOOP + search at a fixed ``imap_poll_interval``.
+Timeouts (seconds): the server's greeting must come within :data:`GREETING_TIMEOUT` (a
+port that expects implicit TLS stays silent; this is said in the error); every later command
+must be answered within :data:`COMMAND_TIMEOUT` (never beyond the run's deadline). A command
+that goes unanswered (a NAT that dropped the flow, a hung server) breaks only the session:
+:mod:`.detect` reconnects and goes on while the run's deadline lasts.
 
-A final explicit search runs before a timeout is declared. The ``\\Junk`` special-use folder
-(RFC 6154, or a common name) is checked with ``STATUS (UIDNEXT)`` every few seconds and at the
-end: a message there is reported as ``delivered to junk``.
-
-Cleanup removes exactly the probe's messages, by UID: ``UID EXPUNGE`` (RFC 4315) with
-UIDPLUS, else ``UID MOVE`` (RFC 6851) to ``\\Trash``, else only ``\\Deleted`` is set and a
-warning returned. A bare EXPUNGE, which would also remove other clients' ``\\Deleted``
-messages, is never sent. Mailboxes are never deleted.
+Untagged responses are accepted at any time (RFC 3501 7), also before IDLE's continuation
+request (RFC 2177; GreenMail sends ``* n EXISTS`` before ``+``).
 """
 
 from __future__ import annotations
@@ -27,22 +20,21 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
-from imapclient.imapclient import JUNK, TRASH
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError, LoginError
+from imapclient.imap4 import IMAP4WithTimeout
+from imapclient.imapclient import SocketTimeout, _parse_untagged_response
 
 from ...models.settings import ProbeSettings
 from ..errors import ProbeFailure, describe_oserror
-from ..message import TOKEN_HEADER
 from ..tls import client_context
+from . import cleanup as _cleanup
+from . import detect as _detect
+from .folders import Folders, classify
 
-FAST_PHASE = 2.0  # seconds of fast NOOP polling in adaptive mode
-FAST_POLL = 0.01  # seconds between NOOPs in the fast phase
-SLOW_POLL_MAX = 2.0  # seconds, NOOP backoff cap without IDLE
-IDLE_RENEW = 5.0  # seconds an IDLE lasts before it is re-issued
-JUNK_CHECK_EVERY = 3.0  # seconds between STATUS checks of the Junk folder
+GREETING_TIMEOUT = 5.0  # seconds for TCP connect + the server's greeting
+COMMAND_TIMEOUT = 5.0  # seconds for the answer to one IMAP command
 
 
 @dataclass(frozen=True)
@@ -54,59 +46,109 @@ class Found:
     seen_at: float
 
 
-class Mailbox:
-    """One IMAP session on TO's mailbox for one probe run.
+class _Client(IMAPClient):
+    """IMAPClient that tells a silent server from an unreachable one and accepts untagged
+    responses before IDLE's continuation."""
 
-    Use :meth:`open` before sending (it records UIDNEXT), :meth:`wait_for` after,
-    then :meth:`fetch`, :meth:`cleanup` and :meth:`close`.
+    def __init__(self, *args, on_tcp=None, **kwargs):
+        self._on_tcp = on_tcp  # called once the TCP connection is up (before the greeting)
+        super().__init__(*args, **kwargs)
+
+    def _create_IMAP4(self):  # noqa: N802 (IMAPClient's name)
+        if self.ssl or self.stream:
+            return super()._create_IMAP4()
+        on_tcp = self._on_tcp
+
+        class _IMAP4(IMAP4WithTimeout):
+            def _create_socket(self, timeout=None):
+                sock = super()._create_socket(timeout)
+                if on_tcp is not None:
+                    on_tcp()
+                return sock
+
+        return _IMAP4(self.host, self.port, getattr(self._timeout, "connect", None))
+
+    def idle(self):
+        """Start IDLE (RFC 2177); returns the untagged responses (parsed) that came before
+        the continuation request. IMAPClient's own ``idle()`` raises on them.
+
+        Raises:
+            IMAPClientError: the server answered IDLE with a tagged NO/BAD.
+        """
+        tag = self._imap._command("IDLE")
+        self._idle_tag = tag
+        early = []
+        while True:
+            line = self._imap._get_response()
+            if line is None:  # the continuation request
+                return early
+            if self._imap.tagged_commands.get(tag):
+                typ, data = self._imap.tagged_commands.pop(tag)
+                self._idle_tag = None
+                text = data[0].decode("utf-8", "replace") if data and isinstance(data[0], bytes) else str(data)
+                raise IMAPClientError(f"IDLE failed: {typ} {text}")
+            early.append(_parse_untagged_response(line))
+
+
+class Mailbox:
+    """One probe run's view of TO's mailbox.
+
+    Use :meth:`open` before sending (it records UIDNEXT), :meth:`wait_for` after, then
+    :meth:`fetch`, :meth:`cleanup` and :meth:`close`.
     """
 
     def __init__(self, settings: ProbeSettings):
         self.settings = settings
         self.server = f"{settings.imap_host}:{settings.imap_port_effective}"
-        self.client: IMAPClient | None = None
+        self.client: _Client | None = None
         self.folder = settings.imap_folder
         self.uidvalidity = 0
         self.uidnext = 1
         self.exists = 0
+        self.folders = Folders()
         self.junk: str | None = None
         self.junk_uidnext = 1
         self.idling = False
         self.ready = False  # logged in and the folder selected
+        self.reconnects = 0
+        self._tcp_was_up = False
 
     # -- connection --------------------------------------------------------------------------
-    def _fail_network(self, exc: BaseException, what: str) -> ProbeFailure:
+    def fail_network(self, exc: BaseException, what: str) -> ProbeFailure:
+        """A :class:`ProbeFailure` (``imap_tls`` or ``imap_connect``) for a broken session."""
         if isinstance(exc, ssl.SSLError):
             return ProbeFailure("imap_tls", f"TLS error with IMAP server {self.server}: {describe_oserror(exc)}")
-        return ProbeFailure("imap_connect", f"{what} IMAP server {self.server}: {describe_oserror(exc)}")
+        return ProbeFailure("imap_connect", f"{what} IMAP server {self.server}: {text(exc)}")
 
-    def open(self, deadline: float) -> None:
-        """Connect, log in as TO, SELECT the watched folder, record UIDVALIDITY/UIDNEXT.
+    def arm(self, deadline: float) -> None:
+        """Let the next command wait at most :data:`COMMAND_TIMEOUT` seconds, never past ``deadline``."""
+        if self.client is not None:
+            self.client.socket().settimeout(max(0.2, min(COMMAND_TIMEOUT, deadline - time.monotonic())))
 
-        Raises:
-            ProbeFailure: ``mailbox_unavailable`` (login or SELECT refused, with the server's
-                reply), ``imap_connect`` or ``imap_tls``.
-        """
+    def _connect(self, deadline: float) -> None:
         s = self.settings
-        timeout = max(0.5, min(30.0, deadline - time.monotonic()))
+        greeting = max(0.5, min(GREETING_TIMEOUT, deadline - time.monotonic()))
+        client = None
         try:
-            client = IMAPClient(
+            client = _Client(
                 s.imap_host,
                 port=s.imap_port_effective,
                 ssl=s.imap_security == "tls",
                 ssl_context=client_context(s) if s.imap_security == "tls" else None,
-                timeout=timeout,
+                timeout=SocketTimeout(connect=greeting, read=COMMAND_TIMEOUT),
+                on_tcp=self._tcp_up,
             )
         except (OSError, IMAPClientError) as exc:
-            raise self._fail_network(exc, "mailbox unavailable: cannot reach") from exc
+            raise self._connect_failure(exc, greeting) from exc
         client.normalise_times = False  # keep INTERNALDATE timezone-aware
         self.client = client
+        self.arm(deadline)
         try:
             if s.imap_security == "starttls":
                 client.starttls(client_context(s))
         except (OSError, IMAPClientError) as exc:
-            if isinstance(exc, ssl.SSLError):
-                raise self._fail_network(exc, "") from exc
+            if isinstance(exc, (ssl.SSLError, OSError)):
+                raise self.fail_network(exc, "STARTTLS failed at") from exc
             raise ProbeFailure(
                 "imap_tls", f"IMAP server {self.server} refused STARTTLS: {exc}; refusing to log in in clear text"
             ) from exc
@@ -115,43 +157,116 @@ class Mailbox:
         except LoginError as exc:
             raise ProbeFailure(
                 "mailbox_unavailable",
-                f"mailbox unavailable: {s.imap_login} cannot log in at IMAP server {self.server}: {_text(exc)}",
+                f"mailbox unavailable: {s.imap_login} cannot log in at IMAP server {self.server}: {text(exc)}",
             ) from exc
         except (OSError, IMAPClientError) as exc:
-            raise self._fail_network(exc, "mailbox unavailable: login failed at") from exc
+            raise self.fail_network(exc, "mailbox unavailable: login failed at") from exc
+
+    def _connect_failure(self, exc: BaseException, greeting: float) -> ProbeFailure:
+        timed_out = isinstance(exc, (socket.timeout, TimeoutError))
+        if timed_out and self.settings.imap_security != "tls" and self._tcp_was_up:
+            return ProbeFailure(
+                "imap_connect",
+                f"mailbox unavailable: IMAP server {self.server} accepted the connection but sent no greeting "
+                f"within {greeting:g} seconds (does this port expect implicit TLS? try security tls)",
+            )
+        return self.fail_network(exc, "mailbox unavailable: cannot reach")
+
+    def open(self, deadline: float) -> None:
+        """Connect, log in as TO, SELECT the watched folder, record UIDVALIDITY/UIDNEXT and
+        find the special folders (:mod:`.folders`).
+
+        Args:
+            deadline: ``time.monotonic()`` value; no wait goes beyond it.
+
+        Raises:
+            ProbeFailure: ``mailbox_unavailable`` (login or SELECT refused, with the server's
+                reply), ``imap_connect`` (unreachable, or no greeting) or ``imap_tls``.
+        """
+        self._connect_tracked(deadline)
         try:
             self._select(self.folder)
         except IMAPClientError as exc:
             raise ProbeFailure(
                 "mailbox_unavailable",
-                f"mailbox unavailable: folder {self.folder!r} of {s.imap_login} cannot be opened at IMAP server "
-                f"{self.server}: {_text(exc)}",
+                f"mailbox unavailable: folder {self.folder!r} of {self.settings.imap_login} cannot be opened at IMAP "
+                f"server {self.server}: {text(exc)}",
             ) from exc
+        except OSError as exc:
+            raise self.fail_network(exc, "mailbox unavailable: lost connection to") from exc
         try:
-            junk = client.find_special_folder(JUNK)
+            listing = self.client.list_folders()
         except (IMAPClientError, OSError):
-            junk = None
+            listing = []
+        self.folders = classify(
+            listing,
+            gmail=self.client.has_capability("X-GM-EXT-1"),
+            junk_names=tuple(self.settings.imap_junk_folder_names),
+        )
+        junk = self.folders.junk
         if junk and junk != self.folder:
             self.junk = junk
-            self.junk_uidnext = self._status_uidnext(junk)
+            try:
+                self.junk_uidnext = self.status_uidnext(junk)
+            except (IMAPClientError, OSError):
+                self.junk = None
         self.ready = True
 
-    def _select(self, folder: str) -> None:
+    def _connect_tracked(self, deadline: float) -> None:
+        self._tcp_was_up = False
+        self._connect(deadline)
+
+    def _tcp_up(self) -> None:
+        self._tcp_was_up = True
+
+    def reconnect(self, deadline: float) -> None:
+        """Drop the session and open a new one on the watched folder (same UIDNEXT unless the
+        folder's UIDVALIDITY changed, then every UID is searched).
+
+        Raises:
+            ProbeFailure: as :meth:`open`.
+        """
+        self._drop()
+        self.reconnects += 1
+        self._connect_tracked(deadline)
+        try:
+            self._select(self.folder, reconnect=True)
+        except (IMAPClientError, OSError) as exc:
+            raise self.fail_network(exc, "reconnected, but cannot select the folder at") from exc
+        self.ready = True
+
+    def _select(self, folder: str, reconnect: bool = False) -> None:
         info = self.client.select_folder(folder)
         uidvalidity = int(info.get(b"UIDVALIDITY", 0))
         if uidvalidity != self.uidvalidity:
+            self.uidnext = 1 if reconnect else int(info.get(b"UIDNEXT", 1))
             self.uidvalidity = uidvalidity
-            self.uidnext = int(info.get(b"UIDNEXT", 1))
         self.exists = int(info.get(b"EXISTS", 0))
 
-    def _status_uidnext(self, folder: str) -> int:
+    def reselect(self) -> None:
+        """SELECT the watched folder again (after looking into another one)."""
+        self._select(self.folder)
+
+    def status_uidnext(self, folder: str) -> int:
+        """``STATUS folder (UIDNEXT)``."""
         return int(self.client.folder_status(folder, [b"UIDNEXT"]).get(b"UIDNEXT", 1))
 
+    def _drop(self) -> None:
+        if self.client is not None:
+            try:
+                self.client.shutdown()
+            except Exception:
+                pass
+        self.client = None
+        self.idling = False
+        self.ready = False
+
     def close(self) -> None:
-        """Log out; never raises."""
+        """Log out (at most :data:`COMMAND_TIMEOUT` seconds); never raises."""
         if self.client is None:
             return
         try:
+            self.arm(time.monotonic() + COMMAND_TIMEOUT)
             if self.idling:
                 self.client.idle_done()
             self.client.logout()
@@ -161,194 +276,59 @@ class Mailbox:
             except Exception:
                 pass
         self.client = None
+        self.idling = False
         self.ready = False
 
-    # -- detection ---------------------------------------------------------------------------
-    def _search(self, folder_uidnext: int, nonce: str) -> list[int]:
-        uids = self.client.search(["UID", f"{folder_uidnext}:*", "HEADER", TOKEN_HEADER, nonce])
-        return sorted(u for u in uids if u >= folder_uidnext)
-
-    def _grown(self, responses: list) -> bool:
-        grown = False
-        for item in responses:
-            if isinstance(item, tuple) and len(item) == 2 and item[1] == b"EXISTS":
-                if int(item[0]) > self.exists:
-                    grown = True
-                self.exists = int(item[0])
-        return grown
-
-    def _idle(self, seconds: float) -> bool:
-        self.client.idle()
-        self.idling = True
-        try:
-            responses = self.client.idle_check(timeout=seconds)
-        finally:
-            self.idling = False
-            done = self.client.idle_done()
-        return self._grown(list(responses) + list(done[1] if done else []))
-
-    def _check_junk(self, nonce: str) -> Found | None:
-        if not self.junk:
-            return None
-        if self._status_uidnext(self.junk) <= self.junk_uidnext:
-            return None
-        self.client.select_folder(self.junk, readonly=True)
-        try:
-            uids = self._search(self.junk_uidnext, nonce)
-            return Found(self.junk, uids[0], time.monotonic()) if uids else None
-        finally:
-            self._select(self.folder)
-
+    # -- the run's steps ---------------------------------------------------------------------
     def wait_for(self, nonce: str, deadline: float) -> Found:
-        """Wait until the message whose token header contains ``nonce`` is in the folder.
+        """Wait until the message whose token header contains ``nonce`` is in the folder
+        (or in Junk); see :func:`.detect.wait_for`."""
+        return _detect.wait_for(self, nonce, deadline)
+
+    def fetch(self, found: Found, deadline: float | None = None) -> bytes:
+        """The full message (``BODY.PEEK[]``, RFC 3501 6.4.5); see :func:`.detect.fetch`."""
+        return _detect.fetch(self, found, deadline if deadline is not None else time.monotonic() + COMMAND_TIMEOUT)
+
+    def cleanup(
+        self, nonce: str, secret: str, sweep_older_than: float, message_id: str | None = None
+    ) -> _cleanup.CleanupReport:
+        """Delete this run's message(s) and earlier runs' leftovers; never the mailbox, never
+        another client's or another monitor's mail (:mod:`.cleanup`).
 
         Args:
-            nonce: the token's random part (searched as a substring of the token header).
-            deadline: ``time.monotonic()`` value at which to give up.
+            nonce: this run's nonce; secret: the configured secret;
+            sweep_older_than: seconds after which earlier runs' messages are leftovers;
+            message_id: this run's Message-ID (absence from Gmail's ``\\All`` is checked).
 
         Returns:
-            Where and when the message was seen (the watched folder, or Junk).
-
-        Raises:
-            ProbeFailure: ``timeout`` (not received; the message says within how many
-                seconds), ``imap_connect`` / ``imap_tls`` when the session breaks.
-        """
-        strategy = self.settings.imap_detection
-        has_idle = self.client.has_capability("IDLE")
-        start = time.monotonic()
-        delay = self.settings.imap_poll_interval if strategy == "poll" else FAST_POLL
-        last_search = start
-        next_junk = start + 1.0
-        try:
-            while True:
-                now = time.monotonic()
-                remaining = deadline - now
-                if remaining <= 0:
-                    break
-                use_idle = has_idle and (strategy == "idle" or (strategy == "adaptive" and now - start >= FAST_PHASE))
-                if use_idle:
-                    grown = self._idle(min(IDLE_RENEW, remaining, max(0.05, next_junk - now)))
-                else:
-                    grown = self._grown(self.client.noop()[1])
-                now = time.monotonic()
-                if grown or strategy == "poll" or now - last_search >= 1.0:
-                    last_search = now
-                    uids = self._search(self.uidnext, nonce)
-                    if uids:
-                        return Found(self.folder, uids[0], time.monotonic())
-                if now >= next_junk:
-                    next_junk = now + JUNK_CHECK_EVERY
-                    found = self._check_junk(nonce)
-                    if found:
-                        return found
-                if not use_idle:
-                    if strategy == "adaptive" and now - start >= FAST_PHASE:
-                        delay = min(SLOW_POLL_MAX, max(delay, 0.1) * 1.5)
-                    time.sleep(max(0.0, min(delay, deadline - time.monotonic())))
-            # final explicit search before declaring a timeout
-            self.client.noop()
-            uids = self._search(self.uidnext, nonce)
-            if uids:
-                return Found(self.folder, uids[0], time.monotonic())
-            if self.junk:
-                found = self._check_junk(nonce)
-                if found:
-                    return found
-        except (OSError, IMAPClientError) as exc:
-            raise self._fail_network(exc, "lost connection to") from exc
-        budget = self.settings.timeout
-        raise ProbeFailure("timeout", f"Message not received within {budget:g} seconds")
-
-    # -- fetch and cleanup -------------------------------------------------------------------
-    def fetch(self, found: Found) -> bytes:
-        """Return the full message (``BODY.PEEK[]``, RFC 3501 6.4.5) as the server holds it.
-
-        Raises:
-            ProbeFailure: ``integrity`` when the server returns no body, ``imap_connect``.
-        """
-        try:
-            if found.folder != self.folder:
-                self.client.select_folder(found.folder, readonly=True)
-            data = self.client.fetch([found.uid], [b"BODY.PEEK[]"]).get(found.uid, {})
-        except (OSError, IMAPClientError) as exc:
-            raise self._fail_network(exc, "fetch failed at") from exc
-        finally:
-            if found.folder != self.folder and self.client is not None:
-                try:
-                    self._select(self.folder)
-                except Exception:
-                    pass
-        body = data.get(b"BODY[]")
-        if not body:
-            raise ProbeFailure("integrity", f"IMAP server {self.server} returned no body for UID {found.uid}")
-        return bytes(body)
-
-    def _delete_in(self, folder: str, criteria: list, older_than: float | None = None) -> tuple[int, str | None]:
-        """Delete the messages matching ``criteria`` in ``folder``; returns (count, warning)."""
-        client = self.client
-        client.select_folder(folder)
-        uids = client.search(criteria)
-        if uids and older_than is not None:
-            dates = client.fetch(uids, [b"INTERNALDATE"])
-            now = datetime.now(timezone.utc)
-            uids = [
-                uid
-                for uid, item in dates.items()
-                if (now - _aware(item[b"INTERNALDATE"])).total_seconds() > older_than
-            ]
-        if not uids:
-            return 0, None
-        if client.has_capability("UIDPLUS"):
-            client.delete_messages(uids)
-            client.uid_expunge(uids)
-            return len(uids), None
-        trash = client.find_special_folder(TRASH)
-        if client.has_capability("MOVE") and trash and trash != folder:
-            client.move(uids, trash)
-            return len(uids), None
-        client.delete_messages(uids)
-        return len(uids), (
-            f"IMAP server {self.server} offers neither UIDPLUS nor MOVE: {len(uids)} probe message(s) in "
-            f"{folder!r} only flagged \\Deleted (not expunged)"
-        )
-
-    def cleanup(self, nonce: str, secret: str, sweep_older_than: float) -> str | None:
-        """Delete this run's message(s) and earlier runs' leftovers; never the mailbox.
-
-        Deletes, in the watched folder and in Junk, every message whose token header contains
-        ``nonce``, and every message whose token header contains ``secret + "/"`` and whose
-        INTERNALDATE is more than ``sweep_older_than`` seconds old (left by failed runs).
-
-        Returns:
-            ``None`` when clean, else a warning (cleanup problems never fail the check).
+            The warning (``None`` when clean) and the number of own messages left; cleanup
+            problems never fail the check.
         """
         if self.client is None:
-            return "cleanup skipped: no IMAP session"
-        warnings = []
-        folders = [self.folder] + ([self.junk] if self.junk else [])
+            return _cleanup.CleanupReport("cleanup skipped: no IMAP session", None)
         try:
             if self.idling:
                 self.client.idle_done()
                 self.idling = False
-            for folder in folders:
-                for criteria, older in (
-                    (["HEADER", TOKEN_HEADER, nonce], None),
-                    (["HEADER", TOKEN_HEADER, secret + "/"], sweep_older_than),
-                ):
-                    _, warning = self._delete_in(folder, criteria, older)
-                    if warning:
-                        warnings.append(warning)
+            return _cleanup.remove_probe_messages(
+                self.client,
+                server=self.server,
+                folders_to_clean=[self.folder, self.folders.junk],
+                folders=self.folders,
+                secret=secret,
+                nonce=nonce,
+                sweep_older_than=sweep_older_than,
+                message_id=message_id,
+            )
         except (OSError, IMAPClientError) as exc:
-            warnings.append(f"cleanup failed at IMAP server {self.server}: {_text(exc)}")
-        return "; ".join(dict.fromkeys(warnings)) or None
+            return _cleanup.CleanupReport(f"cleanup failed at IMAP server {self.server}: {text(exc)}", None)
 
 
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-
-
-def _text(exc: BaseException) -> str:
-    text = str(exc)
+def text(exc: BaseException) -> str:
+    """Short text of an IMAP or network exception."""
     if isinstance(exc, (socket.timeout, TimeoutError)):
         return "timed out"
-    return text.removeprefix("b'").removesuffix("'") or type(exc).__name__
+    if isinstance(exc, OSError) and not isinstance(exc, ssl.SSLError) and exc.strerror:
+        return exc.strerror
+    value = str(exc)
+    return value.removeprefix("b'").removesuffix("'") or type(exc).__name__
