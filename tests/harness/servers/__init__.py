@@ -1,0 +1,1 @@
+"""Server-matrix stacks (see the modules): Cyrus IMAP, Courier-IMAP, GreenMail, on loopback."""
