@@ -51,6 +51,9 @@ Users: ``stack.users`` maps short name -> ``User(address, password)``; every add
   the same sender/recipient retried >= 1 s later is accepted and delivered.
 * ``legacy``: Dovecot advertises only ``IMAP4rev1`` to this user (userdb
   ``imap_capability``): no IDLE, UIDPLUS, MOVE or SPECIAL-USE, like an old IMAP server.
+* ``gmail``: a Sieve script files a copy of every delivery into ``[Gmail]/All Mail`` (kept in
+  INBOX too); ``[Gmail]/Bin`` and ``[Gmail]/Spam`` exist. Behind the ``Gmail`` personality of
+  ``tests/harness/imapproxy.py`` this mailbox behaves like Gmail's labels.
 * ``tampered``: ``check_recipient_access`` -> ``FILTER tamper:[127.0.0.1]:tamper_port``: the
   message is re-injected into a second smtpd whose dedicated cleanup service has a
   ``body_checks`` rule that REPLACEs any body line containing ``Selfcheck token: <code>``
@@ -141,7 +144,9 @@ class User:
     password: str
 
 
-USER_NAMES = ("sender", "receiver", "junked", "held", "greylisted", "tampered", "legacy")
+USER_NAMES = ("sender", "receiver", "junked", "held", "greylisted", "tampered", "legacy", "gmail")
+#: Folders of the ``gmail`` user, created at Dovecot start (Gmail's British English names).
+GMAIL_FOLDERS = ("[Gmail]/All Mail", "[Gmail]/Bin", "[Gmail]/Spam")
 #: Per-user Dovecot settings (userdb extra fields of the passwd-file). ``legacy`` sees an IMAP
 #: server that advertises nothing but IMAP4rev1: no IDLE, UIDPLUS, MOVE or SPECIAL-USE.
 USER_SETTINGS = {"legacy": "userdb_imap_capability=IMAP4rev1"}
@@ -477,6 +482,14 @@ class MailStack:
             }
             """))
         os.chown(junk_sieve, uid, gid)
+        # gmail: every delivery is also filed into "[Gmail]/All Mail" (INBOX is a label on
+        # Gmail; tests/harness/imapproxy.py's Gmail personality does the rest).
+        gmail_sieve = self._home("gmail") / ".dovecot.sieve"
+        gmail_sieve.write_text(textwrap.dedent("""\
+            require ["fileinto", "copy", "mailbox"];
+            fileinto :copy :create "[Gmail]/All Mail";
+            """))
+        os.chown(gmail_sieve, uid, gid)
         self._write_passwd()
         (self.dv_dir / "state").mkdir(exist_ok=True)
         conf = f"""\
@@ -797,6 +810,7 @@ class MailStack:
             # leaves imap-login blocked on auth, which makes a later shutdown take 5 s.
             if all(p.exists() for p in socks) and _imap_greeting(self.imap_port) \
                     and _wait_port(self.imaps_port, 0.05):
+                self.create_mailbox("gmail", *GMAIL_FOLDERS)
                 return
             time.sleep(0.02)
         rc = self._dovecot.poll()
@@ -962,6 +976,31 @@ class MailStack:
             return
         for n in self.users:
             shutil.rmtree(self.maildir(n), ignore_errors=True)
+
+    def doveadm(self, *args: str, what: str = "doveadm") -> str:
+        """Run ``doveadm -c <our config> args...``; returns stdout. Raises ``MailStackError``."""
+        return self._run(["doveadm", "-c", str(self.dv_conf), *args], what).stdout
+
+    def create_mailbox(self, user: str, *names: str) -> None:
+        """Create mailboxes of ``user`` (short name or address) that do not exist yet."""
+        address = self.users[self._short(user)].address
+        existing = set(self.doveadm("mailbox", "list", "-u", address).splitlines())
+        missing = [n for n in names if n not in existing]
+        if missing:
+            self.doveadm("mailbox", "create", "-u", address, *missing, what="doveadm mailbox create")
+
+    def message_ids(self, user: str, folder: str, uidset: str, uid: bool = True) -> list[str]:
+        """Message-IDs (with ``<>``) of the messages ``uidset`` (UIDs, or sequence numbers when
+        ``uid`` is false) in ``user``'s ``folder``."""
+        address = self.users[self._short(user)].address
+        key = "uid" if uid else "seq"
+        out = self.doveadm("-f", "tab", "fetch", "-u", address, "hdr.message-id", "mailbox", folder, key, uidset)
+        return [line.split(":", 1)[-1].strip() for line in out.splitlines()[1:] if line.strip()]
+
+    def expunge_by_message_id(self, user: str, folder: str, message_id: str) -> None:
+        """Expunge every message of ``user``'s ``folder`` whose Message-ID is ``message_id``."""
+        address = self.users[self._short(user)].address
+        self.doveadm("expunge", "-u", address, "mailbox", folder, "header", "Message-ID", message_id)
 
     _SAVED_RE = re.compile(
         r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)\.(\d{6}) lmtp\(([^)]*)\).*?"

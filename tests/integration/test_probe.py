@@ -15,6 +15,8 @@ import sys
 import threading
 import time
 from datetime import datetime, timedelta, timezone
+from email import policy
+from email.parser import BytesParser
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -67,7 +69,7 @@ def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
 
 
 def _assert_no_probe_mail(stack, user: str) -> None:
-    for folder in ("INBOX", "Junk"):
+    for folder in ("INBOX", "Junk", "Trash"):
         assert stack.messages(user, folder) == [], f"probe message left in {user}/{folder}"
 
 
@@ -219,6 +221,10 @@ def _append_old_probe_message(stack, env: dict[str, str], age: timedelta) -> Non
         client.append("INBOX", sent.raw, msg_time=datetime.now(timezone.utc) - age)
 
 
+def _token_of(path: Path) -> str:
+    return str(BytesParser(policy=policy.default).parsebytes(path.read_bytes())["X-Selfcheck-Token"])
+
+
 def test_leftovers_of_failed_runs_are_swept_but_recent_ones_kept(stack, monkeypatch) -> None:
     env = _env(stack)
     _append_old_probe_message(stack, env, timedelta(hours=2))
@@ -228,6 +234,26 @@ def test_leftovers_of_failed_runs_are_swept_but_recent_ones_kept(stack, monkeypa
     assert _run(monkeypatch, env).success
     remaining = stack.messages("receiver")
     assert len(remaining) == 1 and b"another-probe/" in remaining[0].read_bytes()
+
+
+def test_sweep_never_deletes_another_monitors_lookalike_token(stack, monkeypatch) -> None:
+    """Issue 9 item 1: HEADER search is a substring match (RFC 3501 6.4.4), so the sweep's
+    search for ``<secret>/`` also finds ``other-<secret>/<32 hex>``: another monitor's
+    message, older than the timeout. Only an exact whole-value match may be deleted."""
+    env = _env(stack)
+    secret = env["MESSAGES_SELFCHECK_SECRET"]
+    _append_old_probe_message(stack, env, timedelta(hours=2))  # ours: swept
+    lookalike = {**env, "MESSAGES_SELFCHECK_SECRET": "other-" + secret}
+    _append_old_probe_message(stack, lookalike, timedelta(hours=2))
+    suffixed = {**env, "MESSAGES_SELFCHECK_SECRET": secret + "/" + "0" * 32 + "-x"}  # ours + a tail: not ours
+    _append_old_probe_message(stack, suffixed, timedelta(hours=2))
+    result = _run(monkeypatch, env)
+    assert result.success, result.error
+    tokens = sorted(_token_of(p) for p in stack.messages("receiver"))
+    assert len(tokens) == 2, f"another monitor's message was deleted: {tokens}"
+    assert any(t.startswith(f"other-{secret}/") for t in tokens)
+    assert any(t.startswith(f"{secret}/{'0' * 32}-x/") for t in tokens)
+    assert result.leftover_count == 0 and result.cleanup_warning is None
 
 
 def test_other_mail_is_never_touched(stack, monkeypatch) -> None:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from email.header import decode_header, make_header
 
 from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError
@@ -58,13 +59,24 @@ class CleanupReport:
 def token_values(header_block: bytes) -> list[str]:
     """Values of every ``X-Selfcheck-Token`` field in a raw header block (pure).
 
-    Folded lines are joined with one space (RFC 5322 2.2.3), so a folded value never equals a
-    token. Returns the values with surrounding whitespace stripped, in order.
+    Folded lines are joined with one space (RFC 5322 2.2.3) and encoded-words are decoded
+    (RFC 2047; Python's email package encodes a long token that way), as a received copy is
+    read by :func:`..message.verify_message`. Returns the values with surrounding whitespace
+    stripped, in order; a value that cannot be decoded is returned as it is.
     """
     text = header_block.decode("ascii", "replace").replace("\r\n", "\n")
     text = re.sub(r"\n[ \t]+", " ", text)
     name = TOKEN_HEADER.lower() + ":"
-    return [line[len(name):].strip() for line in text.split("\n") if line.lower().startswith(name)]
+    values = []
+    for line in text.split("\n"):
+        if line.lower().startswith(name):
+            value = line[len(name):].strip()
+            try:
+                value = str(make_header(decode_header(value))).strip()
+            except (ValueError, LookupError, UnicodeError):
+                pass
+            values.append(value)
+    return values
 
 
 def own_nonce(header_block: bytes, secret: str) -> str | None:
