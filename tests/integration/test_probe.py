@@ -376,3 +376,4 @@ def test_server_without_uidplus_move_idle_or_special_use(stack, monkeypatch) -> 
     assert any(b"flagged by another client" in b for b in bodies)
     ours = [p for p in stack.messages("legacy") if b"X-Selfcheck-Token" in p.read_bytes()]
     assert len(ours) == 1 and "T" in ours[0].name.rsplit(",", 1)[-1]  # Maildir flag T = \Deleted
+    assert result.leftover_count == 1 and "other clients" in result.cleanup_warning
