@@ -31,13 +31,13 @@ MAVEN=https://repo.maven.apache.org/maven2
 CYRUS_PKGS=(cyrus-common cyrus-imapd libpcre3 libxapian30 libical3 sasl2-bin
             libsasl2-modules libsasl2-modules-db)
 COURIER_PKGS=(courier-imap courier-base courier-authlib courier-authlib-userdb courier-authdaemon
-              libcourier-unicode4 libidn12 libltdl7 libgamin0 libpcre3)
+              libcourier-unicode4 libidn12 libltdl7 libgamin0 gamin libpcre3)
 # Binaries whose shared libraries must all resolve after unpacking (relative to root/).
 CYRUS_BINS=(usr/lib/cyrus/bin/master usr/lib/cyrus/bin/imapd usr/lib/cyrus/bin/lmtpd
             usr/lib/cyrus/bin/ctl_cyrusdb usr/sbin/saslpasswd2)
 COURIER_BINS=(usr/sbin/couriertcpd usr/lib/courier/courier/imaplogin usr/bin/imapd usr/bin/couriertls
               usr/lib/courier/courier-authlib/authdaemond usr/lib/courier/courier-authlib/makedatprog
-              usr/bin/maildirmake.courier)
+              usr/bin/maildirmake.courier usr/libexec/gam_server)
 
 log() { echo "install-servers: $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
