@@ -13,24 +13,22 @@
 * ``helm install`` (cluster-wide), ``helm upgrade`` (to namespaced) and ``helm uninstall``
   against the real kube-apiserver, with the operator's effective permissions checked by
   ``kubectl auth can-i --as=system:serviceaccount:...``.
-* The real operator process, authenticated with a token of the chart's ServiceAccount,
-  reconciles a MailSelfcheck end to end (Job created by the real Job controller, result
-  harvested into status, transition Event posted, deletion with finalizer) without any
-  permission error in its log: the RBAC is sufficient, not only well-formed.
+* The real operator process, started from the rendered Deployment and authenticated with a
+  token of the chart's ServiceAccount, reconciles a MailSelfcheck end to end in both install
+  modes (Job created by the real Job controller, result harvested into status, transition
+  Event posted, deletion) without any permission error in its log: the RBAC is sufficient,
+  not only well-formed.
+* A failed upgrade (a watched namespace that does not exist) creates nothing.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import tarfile
 import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -38,8 +36,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.harness.chart_operator import ChartOperator
 from tests.harness.waiting import wait_until
-from tests.harness.controlplane import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "selfcheck"
@@ -169,7 +167,7 @@ def _check_common(docs: list[dict[str, Any]], values: dict[str, Any]) -> None:
         labels = doc["metadata"].get("labels") or {}
         assert labels.get("app.kubernetes.io/managed-by") == "Helm", doc["metadata"]["name"]
         assert labels.get("app.kubernetes.io/instance") == "rel"
-        assert labels.get("helm.sh/chart") == "selfcheck-0.1.0"
+        assert labels.get("helm.sh/chart") == "selfcheck-0.2.0"
         for key, value in (values.get("commonLabels") or {}).items():
             assert labels.get(key) == value
 
@@ -543,73 +541,63 @@ def test_install_upgrade_uninstall(control_plane, k8s_namespace, tmp_path):
 # ----------------------------------------------------------------------------- the real operator with the chart's RBAC
 
 
-def _http_status(url: str) -> int | None:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
-            return resp.status
-    except (urllib.error.URLError, OSError):
-        return None
-
-
 FORBIDDEN = re.compile(r"[Ff]orbidden|Not enough permissions|HTTP 403|status.{0,3}403|"
                        r"cannot (list|watch|get|patch|create|delete) resource")
 
 
 @pytest.mark.cluster
-def test_operator_reconciles_with_chart_rbac(control_plane, k8s_namespace, tmp_path):
-    """The real operator, as the chart's ServiceAccount of a namespaced install, runs a check end
-    to end without a single permission error in its log.
+@pytest.mark.parametrize("mode", ["default", "namespaced"])
+def test_operator_reconciles_with_chart_rbac(control_plane, k8s_namespace, tmp_path, mode):
+    """The real operator, as the chart's ServiceAccount, runs a check end to end without a single
+    permission error in its log, in both install modes: ``default`` (the chart's default values:
+    every namespace, ClusterRole; the MailSelfcheck lives in a namespace the operator was never
+    told about) and ``namespaced`` (``watchNamespaces: ["{{ .Release.Namespace }}"]``, Roles).
 
     The process runs the rendered Deployment's own ``command`` + ``args`` + ``env`` (only the
-    ports are chosen free), so the chart's command line, liveness endpoint and metrics port are
-    exercised too.
+    ports are chosen free; :mod:`tests.harness.chart_operator`), so the chart's command line,
+    liveness endpoint and metrics port are exercised too.
 
     (With ``rbac.clusterDiscovery=false`` kopf retries its cluster-scoped Namespace/CRD listing
     9 times, logging ERRORs, and falls back after ~55 s; measured, not part of the tier.)
     """
     cp, ns = control_plane, k8s_namespace
-    release = f"sc-{uuid.uuid4().hex[:6]}"
-    fullname = f"{release}-selfcheck"
-    health_port, metrics_port = free_port(), free_port()
-    cp.helm("install", release, str(CHART), "-n", ns, "--set-json", 'watchNamespaces=["{{ .Release.Namespace }}"]',
-            "--set", f"operator.healthPort={health_port}", "--set", f"operator.metricsPort={metrics_port}",
-            "--set", "operator.verbose=true")
-    (deploy,) = [o for o in _manifest_objects(cp, release, ns) if o["kind"] == "Deployment"]
-    container = deploy["spec"]["template"]["spec"]["containers"][0]
-    kubeconfig = cp.service_account_kubeconfig(ns, fullname, tmp_path / "sa.kubeconfig", duration="20m")
-    whoami = subprocess.run([str(cp.kubectl_bin), f"--kubeconfig={kubeconfig}", "auth", "whoami", "-o", "json"],
-                            capture_output=True, text=True, timeout=30)
-    assert f"system:serviceaccount:{ns}:{fullname}" in whoami.stdout, whoami.stderr
-
-    cp.kubectl("-n", ns, "create", "secret", "generic", "creds",
-               "--from-literal=secret=s3cr3t-probe", "--from-literal=imap-password=imap-pw")
-    result = json.dumps({"success": True, "send_time": 0.05, "reception_time": 0.4})
-    selfcheck = {
-        "apiVersion": f"{GROUP}/v1alpha1", "kind": "MailSelfcheck",
-        "metadata": {"name": "rbac", "namespace": ns},
-        "spec": {
-            "from": "probe@example.test", "to": "probe@example.test", "interval": 3600, "timeout": 10,
-            "smtp": {"host": "127.0.0.1", "port": 2525, "security": "plain"},
-            "imap": {"host": "127.0.0.1", "security": "plain", "passwordSecretRef": {"name": "creds", "key": "imap-password"}},
-            "secretRef": {"name": "creds", "key": "secret"},
-            # The benchmark's trick: a trivial probe that writes a fixed result (this test is about RBAC).
-            "job": {"command": [sys.executable, "-c", "import sys; open(sys.argv[1], 'w').write(sys.argv[2])",
-                                "/dev/termination-log", result]},
-        },
-    }
-    log_path = tmp_path / "operator.log"
-    env = {**os.environ, **{e["name"]: e["value"] for e in container["env"]}, "KUBECONFIG": str(kubeconfig)}
-    env.pop("KUBERNETES_SERVICE_HOST", None)
-    assert container["command"] == ["mail-selfcheck"]
-    argv = [str(Path(sys.executable).parent / "mail-selfcheck"), *container["args"]]
-    assert f"--namespace={ns}" in argv
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    if mode == "default":
+        op = ChartOperator(cp, f"ops-{uuid.uuid4().hex[:6]}", tmp_path / "operator.log",
+                           values={"operator": {"verbose": True}})
+    else:
+        op = ChartOperator(cp, ns, tmp_path / "operator.log",
+                           values={"watchNamespaces": ["{{ .Release.Namespace }}"], "operator": {"verbose": True}})
     try:
+        op.install()
+        kubeconfig = Path(op._process_env["KUBECONFIG"])
+        whoami = subprocess.run([str(cp.kubectl_bin), f"--kubeconfig={kubeconfig}", "auth", "whoami", "-o", "json"],
+                                capture_output=True, text=True, timeout=30)
+        assert f"system:serviceaccount:{op.namespace}:{op.fullname}" in whoami.stdout, whoami.stderr
+        if mode == "default":
+            assert not [a for a in op.argv if a.startswith("--namespace")]
+        else:
+            assert f"--namespace={ns}" in op.argv
+        assert op.env["POD_NAME"] == op.pod_name  # downward API, as the kubelet resolves it
+
+        cp.kubectl("-n", ns, "create", "secret", "generic", "creds",
+                   "--from-literal=secret=s3cr3t-probe", "--from-literal=imap-password=imap-pw")
+        result = json.dumps({"success": True, "send_time": 0.05, "reception_time": 0.4})
+        selfcheck = {
+            "apiVersion": f"{GROUP}/v1alpha1", "kind": "MailSelfcheck",
+            "metadata": {"name": "rbac", "namespace": ns},
+            "spec": {
+                "from": "probe@example.test", "to": "probe@example.test", "interval": 3600, "timeout": 10,
+                "smtp": {"host": "127.0.0.1", "port": 2525, "security": "plain"},
+                "imap": {"host": "127.0.0.1", "security": "plain",
+                         "passwordSecretRef": {"name": "creds", "key": "imap-password"}},
+                "secretRef": {"name": "creds", "key": "secret"},
+                # The benchmark's trick: a trivial probe that writes a fixed result (this test is about RBAC).
+                "job": {"command": [sys.executable, "-c", "import sys; open(sys.argv[1], 'w').write(sys.argv[2])",
+                                    "/dev/termination-log", result]},
+            },
+        }
         # The liveness probe's endpoint answers (kopf's /healthz on the chart's health port).
-        wait_until(lambda: proc.poll() is not None or _http_status(f"http://127.0.0.1:{health_port}/healthz") == 200,
-                    30, "kopf's /healthz on the chart's health port")
-        assert proc.poll() is None, f"operator exited:\n{log_path.read_text()[-3000:]}"
+        op.start()
         t0 = time.monotonic()
         cp.kubectl("apply", "-f", "-", input=json.dumps(selfcheck))
 
@@ -617,14 +605,14 @@ def test_operator_reconciles_with_chart_rbac(control_plane, k8s_namespace, tmp_p
             out = cp.kubectl("-n", ns, "get", "mailselfcheck", "rbac", "-o", "json", check=False)
             return (json.loads(out.stdout).get("status") or {}) if out.returncode == 0 else {}
 
-        st = wait_until(lambda: proc.poll() is None and status().get("success") is not None and status(),
-                         90, f"a harvested result (operator log tail: {log_path.read_text()[-1500:]})")
+        st = wait_until(lambda: op.alive() and status().get("success") is not None and status(),
+                        90, "a harvested result", diag=lambda: op.text()[-1500:])
         check_s = time.monotonic() - t0
         assert st["success"] is True, st
         assert st["receptionTime"] == 0.4 and st["consecutiveFailures"] == 0
         jobs = json.loads(cp.kubectl("-n", ns, "get", "jobs", "-o", "json").stdout)["items"]
         assert len(jobs) == 1 and jobs[0]["metadata"]["ownerReferences"][0]["name"] == "rbac"
-        assert jobs[0]["spec"]["template"]["spec"]["containers"][0]["image"] == env["MAIL_SELFCHECK_PROBE_IMAGE"]
+        assert jobs[0]["spec"]["template"]["spec"]["containers"][0]["image"] == op.env["MAIL_SELFCHECK_PROBE_IMAGE"]
         job_text = json.dumps(jobs[0])
         assert "s3cr3t-probe" not in job_text and "imap-pw" not in job_text
         events = json.loads(cp.kubectl("-n", ns, "get", "events", "-o", "json").stdout)["items"]
@@ -632,7 +620,7 @@ def test_operator_reconciles_with_chart_rbac(control_plane, k8s_namespace, tmp_p
             "the operator could not post its transition Event")
 
         # The chart's metrics port serves the resource's series.
-        scrape = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        scrape = op.metrics()
         success = [line for line in scrape.splitlines() if line.startswith("mail_selfcheck_success{")
                    and 'name="rbac"' in line and f'namespace="{ns}"' in line]
         assert success and success[0].endswith(" 1.0"), scrape[-2000:]
@@ -644,24 +632,49 @@ def test_operator_reconciles_with_chart_rbac(control_plane, k8s_namespace, tmp_p
         cp.kubectl("-n", ns, "annotate", "mailselfcheck", "rbac", f"{GROUP}/run-now=1")
         wait_until(lambda: len(status().get("history") or []) >= 2, 60, "the run-now check")
         wait_until(lambda: not json.loads(cp.kubectl("-n", ns, "get", "jobs", "-o", "json").stdout)["items"],
-                    30, "the operator to delete Jobs beyond the history limit")
+                   30, "the operator to delete Jobs beyond the history limit")
         annotations = json.loads(cp.kubectl("-n", ns, "get", "mailselfcheck", "rbac", "-o", "json").stdout)[
             "metadata"].get("annotations") or {}
         assert f"{GROUP}/run-now" not in annotations
 
-        # Deletion: the operator (as the ServiceAccount) removes its finalizer.
+        # Deletion: nothing holds the resource (no finalizer); the operator stops its loop.
         cp.kubectl("-n", ns, "delete", "mailselfcheck", "rbac", "--wait=true", timeout=60)
-        assert proc.poll() is None
-        log = log_path.read_text()
-        denied = [line for line in log.splitlines() if FORBIDDEN.search(line)]
+        wait_until(lambda: f"[{ns}/rbac] deleted: reconcile loop stopped" in op.text(), 20,
+                   "the operator to stop the deleted resource's loop", diag=lambda: op.text()[-1500:])
+        assert op.alive()
+        denied = [line for line in op.text().splitlines() if FORBIDDEN.search(line)]
         assert not denied, "permission errors in the operator log:\n" + "\n".join(denied[:20])
-        print(f"operator as {fullname}: first result {check_s:.1f}s after apply")
+        assert "Traceback" not in op.text()
+        print(f"operator as {op.fullname} ({mode}): first result {check_s:.1f}s after apply")
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
+        op.uninstall()
+        if op.namespace != ns:
+            cp.kubectl("delete", "namespace", op.namespace, "--wait=false", check=False)
+
+
+@pytest.mark.cluster
+def test_failed_upgrade_creates_nothing(control_plane, k8s_namespace, tmp_path):
+    """An upgrade to a watched namespace that does not exist fails before creating anything (no
+    ``-discovery`` ClusterRole of the failed revision left behind), with a message saying what to do."""
+    cp, ns = control_plane, k8s_namespace
+    release = f"sc-{uuid.uuid4().hex[:6]}"
+    fullname = f"{release}-selfcheck"
+    missing = f"missing-{uuid.uuid4().hex[:6]}"
+    try:
+        cp.helm("install", release, str(CHART), "-n", ns)
+        out = cp.helm("upgrade", release, str(CHART), "-n", ns, "--set-json", f'watchNamespaces=["{missing}"]',
+                      check=False)
+        assert out.returncode != 0
+        assert f'watchNamespaces: namespace "{missing}" does not exist; create it first' in out.stderr, out.stderr
+        assert cp.kubectl("get", "clusterrole", f"{fullname}-discovery", check=False).returncode != 0
+        assert cp.kubectl("get", "clusterrolebinding", f"{fullname}-discovery", check=False).returncode != 0
+        cp.kubectl("get", "clusterrole", fullname)  # revision 1 untouched
+        history = json.loads(cp.helm("history", release, "-n", ns, "-o", "json").stdout)
+        assert [h["status"] for h in history] == ["deployed"], history
+        # once the namespace exists, the same upgrade goes through
+        cp.kubectl("create", "namespace", missing)
+        cp.helm("upgrade", release, str(CHART), "-n", ns, "--set-json", f'watchNamespaces=["{missing}"]')
+        cp.kubectl("-n", missing, "get", "role", fullname)
+    finally:
         cp.helm("uninstall", release, "-n", ns, check=False)
+        cp.kubectl("delete", "namespace", missing, "--wait=false", check=False)

@@ -1,9 +1,12 @@
 """The operator on the real control plane, with probe Jobs run against the real Postfix + Dovecot.
 
 Everything is real: the CRD from ``crds/`` (schema, CEL rules, status subresource, printer
-columns) in kube-apiserver, the Job and garbage-collector controllers, the operator as a
-subprocess (``mail-selfcheck operator -n <ns>``), the probe as the Job's command run by the
-node agent (the kubelet stand-in), the mail stack. Intervals are 10-20 s to keep the tier short.
+columns) in kube-apiserver, the Job and garbage-collector controllers, the operator of a
+**default** ``helm install`` (every namespace watched: the rendered Deployment's command line,
+environment and ServiceAccount, see :mod:`tests.harness.chart_operator`) in a release namespace
+of its own, so the MailSelfchecks of each test live in a namespace the operator was never told
+about; the probe as the Job's command run by the node agent (the kubelet stand-in), the mail
+stack. Intervals are 10-20 s to keep the tier short.
 """
 
 from __future__ import annotations
@@ -11,84 +14,29 @@ from __future__ import annotations
 import http.server
 import json
 import os
-import signal
 import subprocess
-import sys
 import threading
 import time
-import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
 import yaml
 
 from mail_selfcheck.models.spec import GROUP
-from tests.harness.controlplane import free_port
+from tests.harness.chart_operator import ChartOperator
 from tests.harness.waiting import wait_until
 
 pytestmark = pytest.mark.cluster
 
 REPO = Path(__file__).resolve().parents[2]
 CRD_FILE = REPO / "crds" / "mailselfchecks.yaml"
-OPERATOR = Path(sys.executable).parent / "mail-selfcheck"
 RUN_NOW = f"{GROUP}/run-now"
 
 
 # ----------------------------------------------------------------------------- helpers
 
 
-
-
-class Operator:
-    """``mail-selfcheck operator -n NS`` as a subprocess, its output in a log file."""
-
-    def __init__(self, cp, namespace: str, log: Path) -> None:
-        self.cp, self.namespace, self.log = cp, namespace, log
-        self.metrics_port = free_port()
-        self.liveness_port = free_port()
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> "Operator":
-        env = {**os.environ, "KUBECONFIG": str(self.cp.kubeconfig)}
-        out = open(self.log, "a")
-        self.proc = subprocess.Popen(
-            [str(OPERATOR), "operator", "-n", self.namespace, "--metrics-port", str(self.metrics_port),
-             "--liveness", f"http://127.0.0.1:{self.liveness_port}/healthz"],
-            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        )
-        out.close()
-        wait_until(self._live, 30, "the operator's liveness endpoint", diag=self.text)
-        return self
-
-    def _live(self) -> bool:
-        if self.proc.poll() is not None:
-            pytest.fail(f"operator exited with {self.proc.returncode}:\n{self.text()}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.liveness_port}/healthz", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
-    def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
-            return r.read().decode()
-
-    def kill(self) -> None:
-        """SIGKILL: a crash, no clean-up of any kind."""
-        os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-    def text(self) -> str:
-        return self.log.read_text() if self.log.exists() else ""
 
 
 class Webhook:
@@ -127,10 +75,13 @@ def crd(control_plane):
 
 
 @pytest.fixture
-def operator(control_plane, crd, k8s_namespace, tmp_path):
-    op = Operator(control_plane, k8s_namespace, tmp_path / "operator.log").start()
+def operator(control_plane, crd, tmp_path):
+    """The operator of ``helm install`` with the chart's default values, released in its own namespace."""
+    op = ChartOperator(control_plane, f"ops-{uuid.uuid4().hex[:6]}", tmp_path / "operator.log").start()
+    assert not [a for a in op.argv if a.startswith("--namespace")], "the default install watches every namespace"
     yield op
-    op.stop()
+    op.uninstall()
+    control_plane.kubectl("delete", "namespace", op.namespace, "--wait=false", check=False)
 
 
 @pytest.fixture
@@ -201,7 +152,7 @@ def events(cp, namespace: str, reason: str | None = None) -> list[dict]:
     return [e for e in items if reason is None or e["reason"] == reason]
 
 
-def diag(cp, namespace: str, op: Operator):
+def diag(cp, namespace: str, op: ChartOperator):
     def text() -> str:
         out = cp.kubectl("-n", namespace, "get", "mailselfchecks,jobs,pods", "-o", "wide", check=False)
         st = cp.kubectl("-n", namespace, "get", "mailselfchecks", "-o", "jsonpath={.items[*].status}", check=False)
@@ -209,7 +160,7 @@ def diag(cp, namespace: str, op: Operator):
     return text
 
 
-def assert_no_secrets(cp, namespace: str, op: Operator, secrets: dict[str, str]) -> None:
+def assert_no_secrets(cp, namespace: str, op: ChartOperator, secrets: dict[str, str]) -> None:
     """No confidential value in the operator log, the status, the Events or the Job specs."""
     places = {
         "operator log": op.text(),
@@ -257,6 +208,10 @@ def test_success_status_webhook_metrics_and_no_leak(control_plane, mail_stack, o
     assert f'mail_selfcheck_interval_seconds{{name="demo",namespace="{ns}"}} ' in text
     assert "_created" not in text
     assert [e["reason"] for e in events(cp, ns)] == ["CheckSucceeded"], "Events on transitions only"
+    event = events(cp, ns)[0]  # signed by the operator, with its pod name (the chart's POD_NAME)
+    assert event["reportingComponent"] == event["source"]["component"] == "mail-selfcheck-operator", event
+    assert event["reportingInstance"] == operator.pod_name, event
+    assert ns != operator.namespace  # watched without being named: the default install is cluster-wide
     assert_no_secrets(cp, ns, operator, secrets)
 
 
@@ -275,6 +230,7 @@ def test_failure_error_events_and_recovery(control_plane, mail_stack, operator, 
     assert st["success"] is False and st["errorClass"] == "mailbox_unavailable", st
     assert "login" in st["error"].lower() or "auth" in st["error"].lower(), st["error"]
     assert ready(st)["status"] == "False" and ready(st)["reason"] == "CheckFailed"
+    assert log_lines(operator, "WARNING", ns, "demo", "failure (mailbox_unavailable)"), "a failed check is a WARNING"
     print(cp.kubectl("-n", ns, "get", "mailselfchecks", "-o", "wide").stdout)
     assert len(events(cp, ns, "CheckFailing")) == 1 and events(cp, ns, "CheckFailing")[0]["type"] == "Warning"
     assert f'mail_selfcheck_success{{name="demo",namespace="{ns}"}} 0.0' in operator.metrics()
@@ -309,6 +265,12 @@ INVALID = [
      'Unsupported value: "ssl"'),
     ({"smtp": {"host": "h", "security": "starttls"}}, "passwordSecretRef is required unless security is plain"),
     ({"secretRef": None}, "spec.secretRef: Required value"),
+    # What the Job API would refuse, refused at admission instead (issue 8)
+    ({"job": {"resources": {"limits": {"cpu": "lots"}}}}, "must be a Kubernetes quantity such as 100m"),
+    ({"job": {"nodeSelector": {"disktype": "fast ssd"}}}, "must be a label value"),
+    ({"job": {"serviceAccountName": "Not_Valid"}}, "spec.job.serviceAccountName in body should match"),
+    ({"job": {"tolerations": [{"key": "k", "operator": "Exists", "value": "v"}]}},
+     "a toleration with operator Exists must not have a value"),
 ]
 
 
@@ -379,3 +341,133 @@ def test_suspend_stops_scheduling(control_plane, mail_stack, operator, k8s_names
     cp.kubectl("-n", ns, "patch", "mailselfcheck", "demo", "--type=merge", "-p", '{"spec":{"suspend":false}}')
     wait_until(lambda: status(cp, ns).get("success") is True, 20, "the first check after resuming",
                diag=diag(cp, ns, operator))
+
+
+# ----------------------------------------------------------------------------- issue 8: the default install and what it found
+
+#: kopf's text log line with the resource prefix: ``[time] logger [LEVEL   ] [namespace/name] message``.
+def log_lines(op: ChartOperator, level: str, namespace: str, name: str, contains: str) -> list[str]:
+    return [line for line in op.text().splitlines()
+            if f"[{level}" in line and f"[{namespace}/{name}]" in line and contains in line]
+
+
+def test_namespaced_install_watches_only_its_namespaces(control_plane, mail_stack, crd, k8s_namespace, tmp_path):
+    """``watchNamespaces: [ns]``: the chart's `--namespace=ns` and Role; a check succeeds there and a
+    MailSelfcheck elsewhere is left alone."""
+    cp, ns = control_plane, k8s_namespace
+    other = f"other-{uuid.uuid4().hex[:6]}"
+    cp.kubectl("create", "namespace", other)
+    op = ChartOperator(cp, f"ops-{uuid.uuid4().hex[:6]}", tmp_path / "operator.log", values={"watchNamespaces": [ns]})
+    try:
+        op.start()
+        assert f"--namespace={ns}" in op.argv
+        env = mail_stack.probe_env()
+        mail_secrets(cp, ns, env)
+        apply(cp, ns, selfcheck(env, interval=10))
+        wait_until(lambda: status(cp, ns).get("success") is True, 30, "a check in the watched namespace",
+                   diag=diag(cp, ns, op))
+        apply(cp, other, selfcheck(env, name="ignored", interval=10))
+        time.sleep(5)
+        assert status(cp, other, "ignored") == {}, "a namespace that is not watched was reconciled"
+        assert get(cp, other, "jobs")["items"] == []
+        assert "Traceback" not in op.text() and "Forbidden" not in op.text()
+    finally:
+        op.uninstall()
+        cp.kubectl("delete", "namespace", other, op.namespace, "--wait=false", check=False)
+
+
+def test_dot_and_dash_names_keep_their_own_jobs(control_plane, mail_stack, operator, k8s_namespace):
+    """``dot.name`` and ``dot-name`` are distinct resources: distinct Jobs, each its own results."""
+    cp, ns = control_plane, k8s_namespace
+    env = mail_stack.probe_env()
+    mail_secrets(cp, ns, env)
+    apply(cp, ns, selfcheck(env, name="dot.name", interval=10))
+    apply(cp, ns, selfcheck(env, name="dot-name", interval=10))
+    d = diag(cp, ns, operator)
+    for name in ("dot.name", "dot-name"):
+        wait_until(lambda: len(status(cp, ns, name).get("history") or []) >= 2, 45, f"two checks of {name}", diag=d)
+    owners = {}
+    for name in ("dot.name", "dot-name"):
+        st = status(cp, ns, name)
+        assert all(h["success"] for h in st["history"]), st["history"]
+        uid = get(cp, ns, "mailselfcheck", name)["metadata"]["uid"]
+        for h in st["history"]:
+            job = get(cp, ns, "job", h["job"])
+            assert job["metadata"]["ownerReferences"][0]["uid"] == uid, (name, h["job"])
+            owners[h["job"]] = name
+    assert len(owners) == len(status(cp, ns, "dot.name")["history"]) + len(status(cp, ns, "dot-name")["history"])
+    assert "disappeared before its result was read" not in operator.text()
+
+
+def test_job_refused_by_the_api_server_is_reported_once(control_plane, mail_stack, operator, k8s_namespace):
+    """A spec the CRD accepts but the Job API refuses (requests above limits): Ready=False/InvalidJobSpec with
+    the API server's message, one Warning Event, a backed-off retry; fixed spec -> checks run."""
+    cp, ns = control_plane, k8s_namespace
+    env = mail_stack.probe_env()
+    mail_secrets(cp, ns, env)
+    bad = {"resources": {"requests": {"cpu": "2"}, "limits": {"cpu": "1"}}}
+    apply(cp, ns, selfcheck(env, name="refused", interval=10, job=bad))
+    d = diag(cp, ns, operator)
+    st = wait_until(lambda: (s := status(cp, ns, "refused")) and ready(s).get("reason") == "InvalidJobSpec" and s, 20,
+                    "Ready=False reason InvalidJobSpec", diag=d)
+    assert ready(st)["status"] == "False"
+    assert "must be less than or equal to cpu limit" in ready(st)["message"], ready(st)
+    assert st["errorClass"] == "job_refused" and "must be less than or equal to cpu limit" in st["error"]
+    time.sleep(25)  # ~5 retries at the old fixed 5 s pace
+    warnings = events(cp, ns, "InvalidJobSpec")
+    assert len(warnings) == 1 and warnings[0]["type"] == "Warning" and warnings[0].get("count", 1) == 1, warnings
+    logged = log_lines(operator, "WARNING", ns, "refused", "InvalidJobSpec")
+    assert len(logged) == 1, logged
+    assert not [line for line in operator.text().splitlines() if "reconcile failed" in line]
+    assert get(cp, ns, "jobs")["items"] == []
+
+    cp.kubectl("-n", ns, "patch", "mailselfcheck", "refused", "--type=merge",
+               "-p", json.dumps({"spec": {"job": {"resources": {"requests": {"cpu": "100m"}, "limits": {"cpu": "1"}}}}}))
+    st = wait_until(lambda: (s := status(cp, ns, "refused")).get("success") is True and s, 30,
+                    "a check once the spec is fixed", diag=d)
+    assert ready(st)["status"] == "True" and ready(st)["observedGeneration"] == 2
+
+
+def test_missing_secret_key_ends_the_check_early(control_plane, mail_stack, operator, k8s_namespace):
+    """A misspelt Secret key: the kubelet's message in status within seconds, not a bare timeout after timeout+30 s."""
+    cp, ns = control_plane, k8s_namespace
+    env = mail_stack.probe_env()
+    mail_secrets(cp, ns, env)
+    body = selfcheck(env, name="typo", interval=120, timeout=60)
+    body["spec"]["imap"]["passwordSecretRef"]["key"] = "imap-pasword"
+    started = time.monotonic()
+    apply(cp, ns, body)
+    d = diag(cp, ns, operator)
+    st = wait_until(lambda: (s := status(cp, ns, "typo")).get("success") is False and s, 40,
+                    "the failed check", diag=d)
+    elapsed = time.monotonic() - started
+    assert st["errorClass"] == "job_config", st
+    assert "CreateContainerConfigError: couldn't find key imap-pasword in Secret" in st["error"], st["error"]
+    assert f"{ns}/mail" in st["error"]
+    assert elapsed < 60 + 30, "ended by the Job's deadline, not by the pod's status"
+    job = st["lastHarvestedJob"]
+    wait_until(lambda: cp.kubectl("-n", ns, "get", "job", job, check=False).returncode != 0, 30,
+               "the blocked Job to be deleted", diag=d)
+    assert len(events(cp, ns, "CheckFailing")) == 1
+    assert log_lines(operator, "WARNING", ns, "typo", "failure (job_config)")
+    print(f"missing Secret key reported {elapsed:.1f}s after apply (deadline would be 90 s)")
+
+
+def test_deletion_never_waits_for_the_operator(control_plane, mail_stack, operator, k8s_namespace):
+    """No finalizer: after `helm uninstall`, deleting a MailSelfcheck and its namespace completes."""
+    cp, ns = control_plane, k8s_namespace
+    env = mail_stack.probe_env()
+    mail_secrets(cp, ns, env)
+    apply(cp, ns, selfcheck(env, interval=10))
+    legacy = selfcheck(env, name="legacy", interval=10)
+    legacy["metadata"]["finalizers"] = [f"{GROUP}/finalizer"]  # what round-1 operators added
+    apply(cp, ns, legacy)
+    d = diag(cp, ns, operator)
+    wait_until(lambda: status(cp, ns).get("success") is True, 30, "a first result", diag=d)
+    wait_until(lambda: not get(cp, ns, "mailselfcheck", "legacy")["metadata"].get("finalizers"), 30,
+               "the operator to remove the legacy finalizer", diag=d)
+    assert not get(cp, ns, "mailselfcheck", "demo")["metadata"].get("finalizers")
+
+    operator.uninstall()  # the operator is gone, as after `helm uninstall`
+    cp.kubectl("-n", ns, "delete", "mailselfcheck", "demo", "legacy", "--timeout=20s")
+    cp.kubectl("delete", "namespace", ns, "--timeout=90s")

@@ -2,10 +2,12 @@
 
 Starts, with the same harness code the tests use: the real Kubernetes control plane
 (:mod:`tests.harness.controlplane`, with the node agent standing in for the kubelet) and
-the real Postfix + Dovecot stack (:mod:`tests.harness.mailstack`); installs the chart's CRD
-and the chart's ServiceAccount + RBAC (``helm template --show-only``); runs the operator on
-this host authenticated as that ServiceAccount; applies a MailSelfcheck that probes the
-local mail stack; waits for the first result and prints ``kubectl get mailselfchecks -o wide``.
+the real Postfix + Dovecot stack (:mod:`tests.harness.mailstack`); ``helm install`` of the
+chart with its default values (every namespace watched) into ``mail-selfcheck``; runs the
+rendered Deployment's command line on this host, authenticated as the chart's ServiceAccount
+(:mod:`tests.harness.chart_operator`); applies a MailSelfcheck that probes the local mail
+stack in another namespace; waits for the first result and prints
+``kubectl get mailselfchecks -o wide``.
 
 Then it keeps everything running until Ctrl-C or SIGTERM (``--once``: stop right away; exit
 status 0 only if the first check succeeded). Its working directory (etcd data, throw-away
@@ -19,46 +21,31 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import yaml
 
-from tests.harness.controlplane import ControlPlane, build_all, find_binaries, free_port, terminate
+from tests.harness.chart_operator import ChartOperator
+from tests.harness.controlplane import ControlPlane, build_all, find_binaries
 from tests.harness.mailstack import MailStack
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "selfcheck"
-NAMESPACE = "mail-selfcheck-demo"
+#: Where the chart is installed (the README's `helm install ... -n mail-selfcheck`).
+RELEASE_NAMESPACE = "mail-selfcheck"
 RELEASE = "selfcheck"
+#: Where the sample MailSelfcheck lives (any namespace: the default install watches them all).
+NAMESPACE = "mail-selfcheck-demo"
 
 
 def say(text: str) -> None:
     print(f"demo: {text}", flush=True)
-
-
-def install_crd_and_rbac(cp: ControlPlane, namespace: str) -> str:
-    """Apply the chart's CRD and its ServiceAccount + RBAC for a namespaced install; returns the SA name."""
-    cp.kubectl("create", "namespace", namespace)
-    crds = cp.helm("show", "crds", str(CHART)).stdout
-    cp.kubectl("apply", "--server-side", "-f", "-", input=crds)
-    group_plural = yaml.safe_load(crds)["metadata"]["name"]
-    cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", f"crd/{group_plural}")
-    rendered = cp.helm(
-        "template", RELEASE, str(CHART), "-n", namespace, "--set-json", f'watchNamespaces=["{namespace}"]',
-        "--show-only", "templates/serviceaccount.yaml", "--show-only", "templates/rbac.yaml",
-    ).stdout
-    cp.kubectl("apply", "-f", "-", input=rendered)
-    accounts = [d for d in yaml.safe_load_all(rendered) if d and d["kind"] == "ServiceAccount"]
-    return accounts[0]["metadata"]["name"]
 
 
 def sample_resources(stack: MailStack, namespace: str, interval: int) -> list[dict]:
@@ -95,30 +82,6 @@ def sample_resources(stack: MailStack, namespace: str, interval: int) -> list[di
         },
     }
     return [secret, ca, check]
-
-
-def start_operator(cp: ControlPlane, namespace: str, service_account: str, workdir: Path) -> tuple[subprocess.Popen, Path, int]:
-    """Run ``mail-selfcheck operator -n namespace`` as ``service_account``; returns (process, log, metrics port)."""
-    kubeconfig = cp.service_account_kubeconfig(namespace, service_account, workdir / "operator.kubeconfig", "24h")
-    metrics_port, health_port = free_port(), free_port()
-    log = workdir / "operator.log"
-    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "MAIL_SELFCHECK_PROBE_IMAGE": "mail-selfcheck:local"}
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            [str(Path(sys.executable).with_name("mail-selfcheck")), "operator", "-n", namespace,
-             "--metrics-port", str(metrics_port), "--liveness", f"http://127.0.0.1:{health_port}/healthz"],
-            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-        )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the operator exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{health_port}/healthz", timeout=2):
-                return proc, log, metrics_port
-        except OSError:
-            time.sleep(0.3)
-    raise RuntimeError(f"the operator's liveness endpoint did not answer within 60 s:\n{log.read_text()[-3000:]}")
 
 
 def wait_for_result(cp: ControlPlane, namespace: str, name: str, timeout: float) -> dict:
@@ -159,10 +122,14 @@ def main(argv: list[str] | None = None) -> int:
         cp.run_dir.mkdir(parents=True, exist_ok=True)
         cp.start()
         try:
-            say(f"installing the chart's CRD and RBAC into namespace {NAMESPACE}")
-            service_account = install_crd_and_rbac(cp, NAMESPACE)
-            say(f"starting the operator as system:serviceaccount:{NAMESPACE}:{service_account}")
-            operator, log, metrics_port = start_operator(cp, NAMESPACE, service_account, workdir)
+            say(f"helm install {RELEASE} charts/selfcheck -n {RELEASE_NAMESPACE} --create-namespace (default values)")
+            operator = ChartOperator(cp, RELEASE_NAMESPACE, workdir / "operator.log", release=RELEASE,
+                                     values={"probe": {"image": "mail-selfcheck:local"}}).install()
+            say(f"starting the chart's command line as system:serviceaccount:{RELEASE_NAMESPACE}:{operator.fullname}:\n"
+                f"  {' '.join(operator.argv)}")
+            operator.start()
+            log, metrics_port = operator.log, operator.metrics_port
+            cp.kubectl("create", "namespace", NAMESPACE)
             resources = sample_resources(stack, NAMESPACE, args.interval)
             cp.kubectl("apply", "-f", "-", input="\n---\n".join(yaml.safe_dump(r) for r in resources))
             say("applied this MailSelfcheck:\n" + yaml.safe_dump(resources[-1], sort_keys=False))
@@ -186,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             say("stopping")
             if operator is not None:
-                terminate(operator, timeout=20)
+                operator.stop()
             cp.stop()
             if succeeded and not args.keep:
                 shutil.rmtree(workdir, ignore_errors=True)

@@ -559,7 +559,7 @@ class NodeAgent:
     def _base_status(self, started: str) -> dict[str, Any]:
         return {"hostIP": "127.0.0.1", "hostIPs": [{"ip": "127.0.0.1"}],
                 "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}],
-                "startTime": started, "qosClass": "BestEffort"}
+                "startTime": started}  # qosClass: set by the API server at creation, immutable
 
     def _run_pod(self, pod: client.V1Pod, w: _PodWorker) -> None:
         try:

@@ -89,6 +89,23 @@ empty list = cluster-wide. Duplicates and empty entries are dropped.
 {{- end }}
 
 {{/*
+Fail before anything is created when a watched namespace does not exist (its Role could not
+be created; Helm would leave the objects created before it behind, e.g. the -discovery
+ClusterRole of a failed upgrade). Only when connected to a cluster: `lookup` returns nothing
+under `helm template` and client-side dry runs, where the check is skipped (kube-system
+exists in every cluster, so its absence means "no cluster").
+*/}}
+{{- define "selfcheck.checkWatchNamespaces" -}}
+{{- if lookup "v1" "Namespace" "" "kube-system" }}
+{{- range (include "selfcheck.watchNamespaces" . | fromJsonArray) }}
+{{- if and (ne . $.Release.Namespace) (not (lookup "v1" "Namespace" "" .)) }}
+{{- fail (printf "watchNamespaces: namespace %q does not exist; create it first (kubectl create namespace %s), then install or upgrade again" . .) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
 True (non-empty string) when the install is cluster-wide.
 */}}
 {{- define "selfcheck.clusterWide" -}}

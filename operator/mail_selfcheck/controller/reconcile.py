@@ -127,7 +127,7 @@ class Selfcheck:
         self._next_job_poll = shared.clock()
         self._blocked: Outcome | None = None  # the active Job's pod cannot start (from the pod watch)
         self._deleted = False
-        # A refused Job creation: (generation, message, retry at, back-off seconds).
+        # A refused Job creation: (generation, reason, retry at, back-off seconds).
         self._refused: tuple[Any, str, dt.datetime, float] | None = None
         self._api_retry = API_RETRY
 
@@ -340,10 +340,12 @@ class Selfcheck:
         """The Job for this spec cannot be created: say why in status (``Ready=False``) and one
         Warning Event, and back off (doubling) until the spec changes. Returns the retry time."""
         previous = self._refused
-        same = previous is not None and previous[0] == generation and previous[1] == message
+        # Same spec, same kind of refusal: already reported (the message may differ only by
+        # the Job name, which follows the slot).
+        same = previous is not None and previous[0] == generation and previous[1] == reason
         delay = min(2 * previous[3], REFUSED_MAX) if same else REFUSED_BACKOFF
         retry_at = self.shared.clock() + dt.timedelta(seconds=delay)
-        self._refused = (generation, message, retry_at, delay)
+        self._refused = (generation, reason, retry_at, delay)
         if same:
             self.logger.debug("Job still refused, next try in %.0f s", delay)
             return retry_at
