@@ -377,3 +377,15 @@ def test_server_without_uidplus_move_idle_or_special_use(stack, monkeypatch) -> 
     ours = [p for p in stack.messages("legacy") if b"X-Selfcheck-Token" in p.read_bytes()]
     assert len(ours) == 1 and "T" in ours[0].name.rsplit(",", 1)[-1]  # Maildir flag T = \Deleted
     assert result.leftover_count == 1 and "other clients" in result.cleanup_warning
+
+
+@pytest.mark.parametrize("imap_security", ["starttls", "plain"])
+def test_imap_starttls_or_plain_against_an_implicit_tls_port_says_so(stack, monkeypatch, imap_security) -> None:
+    """Issue 9 item 9: Dovecot's IMAPS port waits for a TLS ClientHello and sends no greeting;
+    the probe waited its whole timeout and said ``cannot reach ...: timed out``."""
+    env = _env(stack, MESSAGES_SELFCHECK_IMAP_SECURITY=imap_security,
+               MESSAGES_SELFCHECK_IMAP_PORT=str(stack.imaps_port), MESSAGES_SELFCHECK_TIMEOUT="20")
+    result = _run(monkeypatch, env)
+    assert not result.success and result.error_class == "imap_connect"
+    assert "sent no greeting within 5 seconds" in result.error and "implicit TLS" in result.error, result.error
+    assert result.duration < 8 and result.send_time is None
