@@ -389,3 +389,26 @@ def test_imap_starttls_or_plain_against_an_implicit_tls_port_says_so(stack, monk
     assert not result.success and result.error_class == "imap_connect"
     assert "sent no greeting within 5 seconds" in result.error and "implicit TLS" in result.error, result.error
     assert result.duration < 8 and result.send_time is None
+
+
+def test_wrong_smtp_password_costs_one_auth_attempt_and_shows_its_reply(stack, monkeypatch) -> None:
+    """Issue 9 item 10: smtplib's ``login()`` tries PLAIN, then LOGIN: two failed logins per
+    run (fail2ban-style lockouts) and the error shows the last reply. One AUTH, one reply."""
+    env = _env(stack, MESSAGES_SELFCHECK_SMTP_PASSWORD="wrong-password-3")
+    mark = len(stack.postfix_log.read_text().splitlines())
+    result = _run(monkeypatch, env)
+    time.sleep(0.3)  # smtpd logs the disconnect after QUIT
+    lines = stack.postfix_log.read_text().splitlines()[mark:]
+    assert sum("authentication failed" in line for line in lines) == 1, lines
+    assert any("auth=0/1" in line for line in lines), lines
+    assert not result.success and result.error_class == "mailbox_unavailable"
+    assert "(AUTH PLAIN): 535 5.7.8" in result.error and result.smtp_reply.startswith("535 5.7.8")
+
+
+def test_imap_temporary_authentication_failure_has_its_own_class(stack, monkeypatch) -> None:
+    """Issue 9 item 11: the server's authentication backend fails (Dovecot: ``NO [UNAVAILABLE]
+    Temporary authentication failure``, RFC 5530 3): not a wrong password."""
+    result = _run(monkeypatch, _env(stack, to_user="authbroken"))
+    assert not result.success and result.error_class == "auth_temporary", result.error
+    assert "temporary authentication failure" in result.error and "[UNAVAILABLE]" in result.error
+    assert result.send_time is None

@@ -20,6 +20,7 @@ MAX_RESULT_BYTES = 4096
 #: Machine-readable failure classes, used as a metric label and in troubleshooting docs.
 ErrorClass = Literal[
     "mailbox_unavailable",  # login / SELECT failed before sending (step 1)
+    "auth_temporary",  # the server could not check the credentials (SMTP 454, IMAP [UNAVAILABLE])
     "smtp_connect",  # SMTP server unreachable, refused, timed out
     "smtp_tls",  # STARTTLS missing or certificate verification failed
     "smtp_rejected",  # 5xx reply during the transaction

@@ -93,20 +93,7 @@ def _transaction(settings: ProbeSettings, message: SentMessage, deadline: float)
                 raise ProbeFailure("smtp_tls", f"TLS error with SMTP server {server}: {describe_oserror(exc)}") from exc
             smtp.ehlo()
         if settings.smtp_password is not None:
-            try:
-                smtp.login(settings.smtp_login, settings.smtp_password.get_secret_value())
-            except smtplib.SMTPAuthenticationError as exc:
-                raise ProbeFailure(
-                    "mailbox_unavailable",
-                    f"mailbox unavailable: {settings.smtp_login} cannot authenticate at SMTP server {server}: "
-                    f"{_reply(exc.smtp_code, exc.smtp_error)}",
-                    smtp_reply=_reply(exc.smtp_code, exc.smtp_error),
-                ) from exc
-            except smtplib.SMTPNotSupportedError as exc:
-                raise ProbeFailure(
-                    "mailbox_unavailable",
-                    f"mailbox unavailable: SMTP server {server} offers no AUTH for {settings.smtp_login}",
-                ) from exc
+            _authenticate(smtp, settings, server)
         for step, args in (("MAIL FROM", (message.from_address,)), ("RCPT TO", (message.to_address,))):
             code, text = (smtp.mail if step == "MAIL FROM" else smtp.rcpt)(*args)
             _check(code, text, f"{step}:<{args[0]}>", server)
@@ -126,6 +113,58 @@ def _transaction(settings: ProbeSettings, message: SentMessage, deadline: float)
             smtp.quit()
         except Exception:
             smtp.close()
+
+
+#: SASL mechanisms the probe can do, best first (RFC 4616 PLAIN, draft LOGIN; CRAM-MD5 last).
+AUTH_MECHANISMS = ("PLAIN", "LOGIN", "CRAM-MD5")
+
+
+def choose_mechanism(offered: str) -> str | None:
+    """The first of :data:`AUTH_MECHANISMS` in the server's EHLO ``AUTH`` list (pure)."""
+    names = {m.upper() for m in offered.split()}
+    return next((m for m in AUTH_MECHANISMS if m in names), None)
+
+
+def _authenticate(smtp: smtplib.SMTP, settings: ProbeSettings, server: str) -> None:
+    """One AUTH (RFC 4954) with one mechanism chosen from the server's list: a wrong password
+    costs one failed login, and the error shows the server's reply to it (smtplib's
+    ``login()`` would try every mechanism and report the last reply).
+
+    Raises:
+        ProbeFailure: ``mailbox_unavailable`` (5xx: credentials refused, or no usable
+            mechanism), ``auth_temporary`` (4xx, e.g. ``454 4.7.0 Temporary authentication
+            failure``: the server's authentication backend is broken, not the password).
+    """
+    login = settings.smtp_login
+    if not smtp.has_extn("auth"):
+        raise ProbeFailure("mailbox_unavailable", f"mailbox unavailable: SMTP server {server} offers no AUTH for {login}")
+    offered = smtp.esmtp_features.get("auth", "")
+    mechanism = choose_mechanism(offered)
+    if mechanism is None:
+        raise ProbeFailure(
+            "mailbox_unavailable",
+            f"mailbox unavailable: SMTP server {server} offers no AUTH mechanism the probe supports "
+            f"(offered: {' '.join(offered.split()) or 'none'}; supported: {', '.join(AUTH_MECHANISMS)})",
+        )
+    smtp.user, smtp.password = login, settings.smtp_password.get_secret_value()
+    try:
+        smtp.auth(mechanism, getattr(smtp, "auth_" + mechanism.lower().replace("-", "_")), initial_response_ok=True)
+    except smtplib.SMTPAuthenticationError as exc:
+        reply = _reply(exc.smtp_code, exc.smtp_error)
+        if 400 <= exc.smtp_code < 500:
+            raise ProbeFailure(
+                "auth_temporary",
+                f"SMTP server {server} could not check the credentials of {login} (temporary authentication "
+                f"failure, AUTH {mechanism}): {reply}",
+                smtp_reply=reply,
+            ) from exc
+        raise ProbeFailure(
+            "mailbox_unavailable",
+            f"mailbox unavailable: {login} cannot authenticate at SMTP server {server} (AUTH {mechanism}): {reply}",
+            smtp_reply=reply,
+        ) from exc
+    finally:
+        smtp.password = ""
 
 
 def _check(code: int, text: bytes | str, step: str, server: str) -> None:

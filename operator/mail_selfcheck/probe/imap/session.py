@@ -155,6 +155,12 @@ class Mailbox:
         try:
             client.login(s.imap_login, s.imap_password.get_secret_value() if s.imap_password else "")
         except LoginError as exc:
+            if "[UNAVAILABLE]" in str(exc).upper():  # RFC 5530 3: the auth backend failed, not the password
+                raise ProbeFailure(
+                    "auth_temporary",
+                    f"IMAP server {self.server} could not check the credentials of {s.imap_login} (temporary "
+                    f"authentication failure): {text(exc)}",
+                ) from exc
             raise ProbeFailure(
                 "mailbox_unavailable",
                 f"mailbox unavailable: {s.imap_login} cannot log in at IMAP server {self.server}: {text(exc)}",
@@ -181,7 +187,8 @@ class Mailbox:
 
         Raises:
             ProbeFailure: ``mailbox_unavailable`` (login or SELECT refused, with the server's
-                reply), ``imap_connect`` (unreachable, or no greeting) or ``imap_tls``.
+                reply), ``auth_temporary`` (``NO [UNAVAILABLE]``, RFC 5530), ``imap_connect``
+                (unreachable, or no greeting) or ``imap_tls``.
         """
         self._connect_tracked(deadline)
         try:
