@@ -415,3 +415,85 @@ class ImapProxy:
             s.exists = int(m.group(1))
         if line.upper().startswith(b"* SEARCH"):
             s.searched |= {int(x) for x in line[8:].split() if x.isdigit()}
+
+
+class StarttlsStripper:
+    """An SMTP middlebox in front of Postfix's submission port (loopback): it answers
+    ``STARTTLS`` with ``220 2.0.0 Ready to start TLS`` itself and relays the client's TLS
+    handshake to Postfix as if it were commands, so the client gets clear-text replies where
+    it expects a ServerHello (like firewalls' "ESMTP inspection" that break STARTTLS).
+
+    ``start()``/``stop()`` or a context manager; ``port`` is the listening port.
+    """
+
+    def __init__(self, stack):
+        self.stack = stack
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind((HOST, 0))
+        self._listener.listen(8)
+        self.port = self._listener.getsockname()[1]
+        self._socks: list[socket.socket] = []
+
+    def __enter__(self) -> "StarttlsStripper":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> "StarttlsStripper":
+        threading.Thread(target=self._accept, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        for sock in [self._listener, *self._socks]:
+            try:
+                sock.close()
+            except OSError:
+                pass
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection((HOST, self.stack.submission_port), timeout=10)
+            upstream.settimeout(None)
+            self._socks += [client, upstream]
+            threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
+            threading.Thread(target=self._c2s, args=(client, upstream), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            try:
+                dst.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _c2s(self, client, upstream) -> None:
+        f = client.makefile("rb")
+        try:
+            while True:
+                line = f.readline()
+                if not line:
+                    break
+                if line.strip().upper() == b"STARTTLS":
+                    client.sendall(b"220 2.0.0 Ready to start TLS\r\n")
+                    while True:  # the ClientHello and whatever follows go to Postfix as "commands"
+                        data = f.read1(65536)
+                        if not data:
+                            return
+                        upstream.sendall(data)
+                upstream.sendall(line)
+        except OSError:
+            pass

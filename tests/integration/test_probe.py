@@ -412,3 +412,15 @@ def test_imap_temporary_authentication_failure_has_its_own_class(stack, monkeypa
     assert not result.success and result.error_class == "auth_temporary", result.error
     assert "temporary authentication failure" in result.error and "[UNAVAILABLE]" in result.error
     assert result.send_time is None
+
+
+def test_starttls_accepted_then_clear_text_does_not_blame_the_port(stack, monkeypatch) -> None:
+    """Issue 9 item 11: the server (here a middlebox in front of Postfix) accepts STARTTLS with
+    220 and then answers in clear text: the port and mode are right, say so."""
+    from tests.harness.imapproxy import StarttlsStripper
+
+    with StarttlsStripper(stack) as middlebox:
+        result = _run(monkeypatch, _env(stack, MESSAGES_SELFCHECK_SMTP_PORT=str(middlebox.port)))
+    assert not result.success and result.error_class == "smtp_tls", result.error
+    assert "WRONG_VERSION_NUMBER after the server accepted STARTTLS" in result.error
+    assert "wrong port" not in result.error

@@ -86,3 +86,8 @@ def test_secrets_are_hidden_in_repr(env) -> None:
     for secret in ("smtp-pw-123", "imap-pw-456", "topsecret", "tok-999"):
         assert secret not in text
     assert set(s.secret_values()) == {"smtp-pw-123", "imap-pw-456", "topsecret", "https://hc.example/ping/tok-999"}
+
+
+def test_junk_folder_names_are_comma_separated(env) -> None:
+    env(MESSAGES_SELFCHECK_IMAP_JUNK_FOLDERS=" Quarantine , Junk Email,,")
+    assert ProbeSettings().imap_junk_folder_names == ["Quarantine", "Junk Email"]

@@ -35,3 +35,15 @@ def describe_oserror(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) or type(exc).__name__
+
+
+def describe_starttls_error(exc: BaseException) -> str:
+    """Like :func:`describe_oserror` for a TLS handshake that failed *after* the server accepted
+    STARTTLS (RFC 3207 / RFC 3501 6.2.1): the port and mode are right, so no wrong-port hint."""
+    if isinstance(exc, ssl.SSLError) and not isinstance(exc, ssl.SSLCertVerificationError) \
+            and exc.reason == "WRONG_VERSION_NUMBER":
+        return (
+            "TLS error: WRONG_VERSION_NUMBER after the server accepted STARTTLS (it went on in clear text: "
+            "a broken STARTTLS, or a middlebox on the path that strips it)"
+        )
+    return describe_oserror(exc)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from tenacity import RetryError, Retrying, retry_if_exception, stop_before_delay, wait_exponential
 
 from ..models.settings import ProbeSettings
-from .errors import ProbeFailure, describe_oserror
+from .errors import ProbeFailure, describe_oserror, describe_starttls_error
 from .message import SentMessage
 from .tls import client_context
 
@@ -90,7 +90,7 @@ def _transaction(settings: ProbeSettings, message: SentMessage, deadline: float)
             try:
                 smtp.starttls(context=client_context(settings))
             except ssl.SSLError as exc:
-                raise ProbeFailure("smtp_tls", f"TLS error with SMTP server {server}: {describe_oserror(exc)}") from exc
+                raise ProbeFailure("smtp_tls", f"TLS error with SMTP server {server}: {describe_starttls_error(exc)}") from exc
             smtp.ehlo()
         if settings.smtp_password is not None:
             _authenticate(smtp, settings, server)

@@ -27,7 +27,7 @@ from imapclient.imap4 import IMAP4WithTimeout
 from imapclient.imapclient import SocketTimeout, _parse_untagged_response
 
 from ...models.settings import ProbeSettings
-from ..errors import ProbeFailure, describe_oserror
+from ..errors import ProbeFailure, describe_oserror, describe_starttls_error
 from ..tls import client_context
 from . import cleanup as _cleanup
 from . import detect as _detect
@@ -147,7 +147,11 @@ class Mailbox:
             if s.imap_security == "starttls":
                 client.starttls(client_context(s))
         except (OSError, IMAPClientError) as exc:
-            if isinstance(exc, (ssl.SSLError, OSError)):
+            if isinstance(exc, ssl.SSLError):
+                raise ProbeFailure(
+                    "imap_tls", f"TLS error with IMAP server {self.server}: {describe_starttls_error(exc)}"
+                ) from exc
+            if isinstance(exc, OSError):
                 raise self.fail_network(exc, "STARTTLS failed at") from exc
             raise ProbeFailure(
                 "imap_tls", f"IMAP server {self.server} refused STARTTLS: {exc}; refusing to log in in clear text"
