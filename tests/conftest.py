@@ -8,4 +8,5 @@
 pytest_plugins = [
     "tests.harness.mail_fixtures",
     "tests.harness.cluster_fixtures",
+    "tests.harness.servers.fixtures",
 ]

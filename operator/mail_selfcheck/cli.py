@@ -16,7 +16,8 @@ configuration: environment variables (flags above override them)
       skips the run)
   MESSAGES_SELFCHECK_SMTP_HOST, _SMTP_PORT, _SMTP_SECURITY, _SMTP_USERNAME, _SMTP_PASSWORD
   MESSAGES_SELFCHECK_IMAP_HOST, _IMAP_PORT, _IMAP_SECURITY, _IMAP_USERNAME, _IMAP_PASSWORD,
-      _IMAP_FOLDER, _IMAP_DETECTION, _IMAP_POLL_INTERVAL
+      _IMAP_FOLDER, _IMAP_DETECTION, _IMAP_POLL_INTERVAL,
+      _IMAP_JUNK_FOLDERS (comma-separated extra junk folder names)
   MESSAGES_SELFCHECK_TLS_CA_FILE, _TLS_CA_PEM, _TLS_INSECURE_SKIP_VERIFY
   (all durations in seconds; see README.md, "Running the probe by hand")
 

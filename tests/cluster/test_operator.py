@@ -321,14 +321,15 @@ def test_delete_collects_jobs_and_metrics(control_plane, mail_stack, operator, k
     d = diag(cp, ns, operator)
     wait_until(lambda: status(cp, ns).get("success") is True, 20, "a first result", diag=d)
     assert get(cp, ns, "jobs")["items"] and get(cp, ns, "pods")["items"]
-    assert 'name="demo"' in operator.metrics()
+    series = f'name="demo",namespace="{ns}"'  # the operator watches every namespace: select ours
+    assert series in operator.metrics()
 
     started = time.monotonic()
     cp.kubectl("-n", ns, "delete", "mailselfcheck", "demo", "--timeout=30s")  # finalizer must not hang
     assert time.monotonic() - started < 30
     wait_until(lambda: not get(cp, ns, "jobs")["items"] and not get(cp, ns, "pods")["items"], 60,
                "garbage collection of the Jobs and pods", diag=d)
-    assert 'name="demo"' not in operator.metrics(), "series of a deleted resource must go"
+    assert series not in operator.metrics(), "series of a deleted resource must go"
 
 
 def test_suspend_stops_scheduling(control_plane, mail_stack, operator, k8s_namespace):

@@ -28,6 +28,8 @@ Personalities (each reproduces one documented behaviour; the tests cite the sour
   RFC 3501 7 allows untagged data at any time).
 * :class:`DeadIdle` -- on the first connection, the ``DONE`` that ends an IDLE in which new
   mail was announced goes unanswered forever (a NAT that dropped the flow).
+* :class:`ExchangeJunkMove` -- no special-use attributes, ``Junk Email``, and spam moved
+  there after delivery to INBOX, between the probe's SEARCH and its FETCH (Exchange Online).
 * :class:`BadCharset` -- a SEARCH with ``CHARSET`` is refused ``NO [BADCHARSET (US-ASCII)]``
   (Exchange).
 
@@ -64,7 +66,8 @@ class Session:
     synced: int = 0  # EXISTS as of the last completed NOOP/SELECT/EXAMINE
     pending: dict = field(default_factory=dict)  # tag -> (command name, full line)
     idle_tag: bytes | None = None
-    searched: set = field(default_factory=set)  # UIDs SEARCH returned since the last NOOP
+    searched: set = field(default_factory=set)  # UIDs SEARCH returned, not yet announced by a NOOP
+    announced: set = field(default_factory=set)  # UIDs a NOOP has announced since
     dead: bool = False
 
 
@@ -253,6 +256,39 @@ class Gmail(CapabilityEdit):
                 self.proxy.stack.expunge_by_message_id(s.user, self.ALL, mid)
 
 
+class ExchangeJunkMove(Personality):
+    """Exchange Online: no special-use attributes, folders ``Junk Email`` / ``Deleted Items``
+    (the user's Dovecot ``Junk``/``Trash``/``Sent`` are hidden), and spam filed into
+    ``Junk Email`` *after* delivery to INBOX: the first time a SEARCH for the probe's token
+    finds a message, it is moved there (doveadm) before the result reaches the client.
+    The test creates ``Junk Email`` and ``Deleted Items``."""
+
+    HIDDEN = ("Junk", "Trash", "Sent")
+    SPECIAL = (b"\\junk", b"\\trash", b"\\sent", b"\\all", b"\\drafts", b"\\archive", b"\\flagged")
+    JUNK = "Junk Email"
+
+    def __init__(self):
+        self.moved = False
+
+    def response(self, s, line):
+        if b"CAPABILITY" in line.upper():
+            return _caps_edit(line, (b"SPECIAL-USE",))
+        m = re.match(rb'^\* (LIST|LSUB) \(([^)]*)\) ("[^"]*"|NIL) (.*?)\r\n$', line, re.I | re.S)
+        if m:
+            if m.group(4).decode().strip('"') in self.HIDDEN:
+                return b""
+            flags = [f for f in m.group(2).split() if f.lower() not in self.SPECIAL]
+            return b"* %s (%s) %s %s\r\n" % (m.group(1), b" ".join(flags), m.group(3), m.group(4))
+        if (not self.moved and line.upper().startswith(b"* SEARCH ") and s.user and s.selected == "INBOX"
+                and any(b"X-SELFCHECK-TOKEN" in cmd.upper() for _n, cmd in s.pending.values())):
+            uids = [x.decode() for x in line[9:].split() if x.isdigit()]
+            if uids:
+                self.moved = True
+                address = s.user
+                self.proxy.stack.doveadm("move", "-u", address, self.JUNK, "mailbox", "INBOX", "uid", ",".join(uids))
+        return None
+
+
 class ImapProxy:
     """Loopback IMAP proxy to ``stack.imap_port`` with one :class:`Personality`.
 
@@ -391,6 +427,7 @@ class ImapProxy:
                     if name in ("NOOP", "SELECT", "EXAMINE") and status == "OK":
                         s.synced = s.exists
                     if name == "NOOP":
+                        s.announced |= s.searched
                         s.searched.clear()
                     if name == "IDLE":
                         s.idle_tag = None
@@ -414,7 +451,7 @@ class ImapProxy:
         if m:
             s.exists = int(m.group(1))
         if line.upper().startswith(b"* SEARCH"):
-            s.searched |= {int(x) for x in line[8:].split() if x.isdigit()}
+            s.searched |= {int(x) for x in line[8:].split() if x.isdigit()} - s.announced
 
 
 class StarttlsStripper:

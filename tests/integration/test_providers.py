@@ -246,3 +246,23 @@ def test_searches_work_where_charset_is_refused(stack, monkeypatch, proxied) -> 
     assert result.success, result.error
     assert result.cleanup_warning is None and _tokens(stack, "receiver", "INBOX") == []
     assert not any(b"CHARSET" in c.upper() for c in proxy.commands)
+
+
+# -- item 8: mail moved after delivery --------------------------------------------------------------
+
+
+def test_message_moved_to_junk_email_after_delivery_is_reported_as_junk(stack, monkeypatch, proxied) -> None:
+    """Exchange Online delivers to INBOX, then files spam into ``Junk Email`` (no special-use
+    attribute; https://learn.microsoft.com/en-us/exchange/antispam-and-antimalware/antispam-protection/antispam-and-antimalware-protection).
+    Was: ``integrity: ... returned no body for UID n``; the UID vanished, the message is in junk."""
+    stack.create_mailbox("receiver", "Junk Email", "Deleted Items")
+    _proxy, env = proxied(imapproxy.ExchangeJunkMove(), MESSAGES_SELFCHECK_TIMEOUT="10")
+    try:
+        result = _run(monkeypatch, env)
+        junk_left = _tokens(stack, "receiver", "Junk Email")
+    finally:
+        stack.doveadm("mailbox", "delete", "-u", stack.users["receiver"].address, "Junk Email", "Deleted Items")
+    assert not result.success and result.error_class == "junk", result.error
+    assert result.folder == "Junk Email" and "moved to 'Junk Email'" in result.error
+    assert junk_left == [] and _tokens(stack, "receiver", "INBOX") == []
+    assert result.duration < 10

@@ -11,13 +11,17 @@ from ..models.result import ErrorClass
 class ProbeFailure(Exception):
     """A step failed; ``str(exc)`` is the ``error`` of the result, ``error_class`` its class.
 
-    ``smtp_reply`` carries the server's reply when one explains the failure.
+    ``smtp_reply`` carries the server's reply when one explains the failure; ``folder`` the
+    IMAP folder the message was found in, when the failure found it somewhere.
     """
 
-    def __init__(self, error_class: ErrorClass, message: str, *, smtp_reply: str | None = None):
+    def __init__(
+        self, error_class: ErrorClass, message: str, *, smtp_reply: str | None = None, folder: str | None = None
+    ):
         super().__init__(message)
         self.error_class: ErrorClass = error_class
         self.smtp_reply = smtp_reply
+        self.folder = folder
 
 
 def describe_oserror(exc: BaseException) -> str:

@@ -72,7 +72,7 @@ def run_probe(settings: ProbeSettings) -> ProbeResult:
             )
         fields["reception_time"] = round(waited, 3)
         log.debug("message_received", folder=found.folder, uid=found.uid, reception_time=waited)
-        raw = mailbox.fetch(found, max(deadline, time.monotonic() + 2.0))
+        raw = mailbox.fetch(found, max(deadline, time.monotonic() + 2.0), nonce)
         try:
             verify_message(
                 raw,
@@ -89,6 +89,8 @@ def run_probe(settings: ProbeSettings) -> ProbeResult:
         fields.update(error=str(failure), error_class=failure.error_class)
         if failure.smtp_reply:
             fields["smtp_reply"] = failure.smtp_reply
+        if failure.folder:
+            fields["folder"] = failure.folder
     except Exception as exc:  # a bug, not a mail failure: report it, never crash
         log.debug("probe_internal_error", exc_info=True)
         fields.update(error=f"internal error: {type(exc).__name__}: {exc}", error_class="internal")

@@ -82,17 +82,19 @@ def _noop(box: "Mailbox") -> bool:
     return _grown(box, box.client.noop()[1])
 
 
-def _check_junk(box: "Mailbox", nonce: str) -> "Found | None":
-    if not box.junk:
-        return None
-    if box.status_uidnext(box.junk) <= box.junk_uidnext:
-        return None
-    box.client.select_folder(box.junk, readonly=True)
-    try:
-        uids = search(box, box.junk_uidnext, nonce)
-        return _found(box.junk, uids[0]) if uids else None
-    finally:
-        box.reselect()
+def _check_junk(box: "Mailbox", nonce: str, every_uid: bool = False) -> "Found | None":
+    """Look for the message in the junk folders (new UIDs only, unless ``every_uid``)."""
+    for junk, uidnext in box.junk_uidnext.items():
+        if not every_uid and box.status_uidnext(junk) <= uidnext:
+            continue
+        box.client.select_folder(junk, readonly=True)
+        try:
+            uids = search(box, 1 if every_uid else uidnext, nonce)
+            if uids:
+                return _found(junk, uids[0])
+        finally:
+            box.reselect()
+    return None
 
 
 def wait_for(box: "Mailbox", nonce: str, deadline: float) -> "Found":
@@ -170,16 +172,24 @@ def _wait_session(box, nonce, deadline, strategy, start, delay, last_search, nex
     uids = search(box, box.uidnext, nonce)
     if uids:
         return _found(box.folder, uids[0])
-    return _check_junk(box, nonce)
+    return _check_junk(box, nonce, every_uid=True)
 
 
-def fetch(box: "Mailbox", found: "Found", deadline: float) -> bytes:
+def _moved(box: "Mailbox", found: "Found", nonce: str) -> "Found | None":
+    box.reselect()
+    return _check_junk(box, nonce, every_uid=True)
+
+
+def fetch(box: "Mailbox", found: "Found", deadline: float, nonce: str = "") -> bytes:
     """Return the full message (``BODY.PEEK[]``, RFC 3501 6.4.5) as the server holds it.
 
-    An empty answer is retried after a NOOP (with a short backoff) until ``deadline``.
+    An empty answer is retried after a NOOP (with a short backoff) until ``deadline``. When
+    the UID is gone meanwhile (Exchange Online files spam into ``Junk Email`` after delivering
+    to INBOX), the junk folders are searched for ``nonce``.
 
     Raises:
-        ProbeFailure: ``timeout`` when the server still returned no body at the deadline,
+        ProbeFailure: ``junk`` (moved to a junk folder after delivery; ``folder`` set),
+            ``timeout`` when the server still returned no body at the deadline,
             ``imap_connect`` / ``imap_tls`` when the session breaks.
     """
     client = box.client
@@ -198,8 +208,19 @@ def fetch(box: "Mailbox", found: "Found", deadline: float) -> bytes:
             time.sleep(pause)
             pause = min(1.0, pause * 2)
             client.noop()
+            if not client.search(["UID", str(found.uid)]):  # gone: moved after delivery?
+                moved = _moved(box, found, nonce)
+                if moved is not None:
+                    raise ProbeFailure(
+                        "junk",
+                        f"delivered to junk: the message arrived in {found.folder!r} and was moved to "
+                        f"{moved.folder!r} (UID {found.uid} vanished before it could be fetched)",
+                        folder=moved.folder,
+                    )
     except (OSError, IMAPClientError) as exc:
         raise box.fail_network(exc, "fetch failed at") from exc
+    except ProbeFailure:
+        raise
     finally:
         if found.folder != box.folder and box.client is not None:
             try:

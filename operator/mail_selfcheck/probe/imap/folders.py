@@ -51,6 +51,7 @@ class Folders:
     all_mail: str | None = None
     gmail: bool = False
     extra_junk: tuple[str, ...] = field(default_factory=tuple)
+    junk_all: tuple[str, ...] = field(default_factory=tuple)  # every junk folder, best first
 
 
 def _bare(name: str) -> str:
@@ -72,7 +73,7 @@ def classify(listing: list[tuple], *, gmail: bool = False, junk_names: tuple[str
 
     Returns:
         The folders; a special-use attribute wins over a known name, an earlier known name
-        over a later one. Folders flagged ``\\Noselect`` / ``\\NonExistent`` are ignored.
+        over a later one; ``junk_all`` lists every junk folder in that order. Folders flagged ``\\Noselect`` / ``\\NonExistent`` are ignored.
     """
     usable = [
         (tuple(f.lower() if isinstance(f, bytes) else f for f in flags), str(name))
@@ -90,8 +91,18 @@ def classify(listing: list[tuple], *, gmail: bool = False, junk_names: tuple[str
                 return by_name[wanted.lower()]
         return None
 
+    def every(flag: bytes, names: tuple[str, ...]) -> tuple[str, ...]:
+        found = [name for flags, name in usable if flag.lower() in flags]
+        bare = {}
+        for _flags, name in usable:
+            bare.setdefault(_bare(name), []).append(name)
+        for wanted in names:
+            found += bare.get(wanted.lower(), [])
+        return tuple(dict.fromkeys(found))
+
     extra = tuple(n for n in junk_names if n)
     return Folders(
+        junk_all=every(JUNK_FLAG, extra + JUNK_NAMES),
         junk=pick(JUNK_FLAG, extra + JUNK_NAMES),
         trash=pick(TRASH_FLAG, TRASH_NAMES),
         all_mail=pick(ALL_FLAG, ALL_NAMES) if gmail else None,

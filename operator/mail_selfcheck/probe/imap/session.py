@@ -106,8 +106,8 @@ class Mailbox:
         self.uidnext = 1
         self.exists = 0
         self.folders = Folders()
-        self.junk: str | None = None
-        self.junk_uidnext = 1
+        self.junk: str | None = None  # the first junk folder (for logs)
+        self.junk_uidnext: dict[str, int] = {}  # junk folder -> UIDNEXT when the run began
         self.idling = False
         self.ready = False  # logged in and the folder selected
         self.reconnects = 0
@@ -214,13 +214,13 @@ class Mailbox:
             gmail=self.client.has_capability("X-GM-EXT-1"),
             junk_names=tuple(self.settings.imap_junk_folder_names),
         )
-        junk = self.folders.junk
-        if junk and junk != self.folder:
-            self.junk = junk
-            try:
-                self.junk_uidnext = self.status_uidnext(junk)
-            except (IMAPClientError, OSError):
-                self.junk = None
+        for junk in self.folders.junk_all:
+            if junk != self.folder:
+                try:
+                    self.junk_uidnext[junk] = self.status_uidnext(junk)
+                except (IMAPClientError, OSError):
+                    continue
+        self.junk = next(iter(self.junk_uidnext), None)
         self.ready = True
 
     def _connect_tracked(self, deadline: float) -> None:
@@ -296,9 +296,10 @@ class Mailbox:
         (or in Junk); see :func:`.detect.wait_for`."""
         return _detect.wait_for(self, nonce, deadline)
 
-    def fetch(self, found: Found, deadline: float | None = None) -> bytes:
+    def fetch(self, found: Found, deadline: float | None = None, nonce: str = "") -> bytes:
         """The full message (``BODY.PEEK[]``, RFC 3501 6.4.5); see :func:`.detect.fetch`."""
-        return _detect.fetch(self, found, deadline if deadline is not None else time.monotonic() + COMMAND_TIMEOUT)
+        limit = deadline if deadline is not None else time.monotonic() + COMMAND_TIMEOUT
+        return _detect.fetch(self, found, limit, nonce)
 
     def cleanup(
         self, nonce: str, secret: str, sweep_older_than: float, message_id: str | None = None
@@ -324,7 +325,7 @@ class Mailbox:
             return _cleanup.remove_probe_messages(
                 self.client,
                 server=self.server,
-                folders_to_clean=[self.folder, self.folders.junk],
+                folders_to_clean=[self.folder, *self.junk_uidnext],
                 folders=self.folders,
                 secret=secret,
                 nonce=nonce,
