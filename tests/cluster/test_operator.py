@@ -472,3 +472,29 @@ def test_deletion_never_waits_for_the_operator(control_plane, mail_stack, operat
     operator.uninstall()  # the operator is gone, as after `helm uninstall`
     cp.kubectl("-n", ns, "delete", "mailselfcheck", "demo", "legacy", "--timeout=20s")
     cp.kubectl("delete", "namespace", ns, "--timeout=90s")
+
+
+def test_a_job_owned_by_someone_else_is_never_adopted(control_plane, mail_stack, operator, k8s_namespace):
+    """409 on create: the existing Job is adopted only if its controller owner is this resource's UID."""
+    from mail_selfcheck.controller.schedule import job_name, parse_time
+
+    cp, ns = control_plane, k8s_namespace
+    env = mail_stack.probe_env()
+    mail_secrets(cp, ns, env)
+    apply(cp, ns, selfcheck(env, name="victim", interval=60, suspend=True))
+    meta = get(cp, ns, "mailselfcheck", "victim")["metadata"]
+    taken = job_name("victim", meta["uid"], parse_time(meta["creationTimestamp"]))  # its first slot's Job name
+    foreign = {"apiVersion": "batch/v1", "kind": "Job",
+               "metadata": {"name": taken, "labels": {"app.kubernetes.io/managed-by": "mail-selfcheck-operator"}},
+               "spec": {"suspend": True, "template": {"spec": {"restartPolicy": "Never", "containers": [
+                   {"name": "c", "image": "example.test/other:1", "command": ["true"]}]}}}}
+    apply(cp, ns, foreign)
+    cp.kubectl("-n", ns, "patch", "mailselfcheck", "victim", "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    d = diag(cp, ns, operator)
+    st = wait_until(lambda: (s := status(cp, ns, "victim")) and ready(s).get("reason") == "JobNameConflict" and s, 20,
+                    "Ready=False reason JobNameConflict", diag=d)
+    assert f"Job {ns}/{taken} already exists and is not owned by this MailSelfcheck" in st["error"]
+    assert not st.get("active") and not st.get("history"), "a foreign Job was adopted"
+    assert len(events(cp, ns, "JobNameConflict")) == 1
+    job = get(cp, ns, "job", taken)
+    assert not job["metadata"].get("ownerReferences") and job["spec"]["suspend"] is True, "the foreign Job was touched"

@@ -283,8 +283,9 @@ class Selfcheck:
 
         try:
             spec = MailSelfcheckSpec.model_validate(dict(self.body.get("spec") or {}))
-        except ValidationError as exc:  # the CRD schema should have refused it
-            self.logger.error("invalid spec, not scheduling: %s", exc.errors(include_url=False, include_input=False))
+        except ValidationError as exc:  # the CRD schema should have refused it (an older CRD?)
+            errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_url=False))
+            await self._refuse(self.body["metadata"].get("generation"), "InvalidSpec", f"invalid spec, not scheduling: {errors}")
             return None
         self.shared.metrics.set_interval(self.namespace, self.name, spec.interval)
         meta = self.body["metadata"]
