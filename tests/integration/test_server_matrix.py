@@ -333,3 +333,21 @@ def test_no_delivery_is_a_timeout(matrix_server) -> None:
     assert result["error"] == "Message not received within 4 seconds", result
     assert result["send_time"] is not None and result["reception_time"] is None
     assert 4 <= result["duration"] < 4 + 2, result  # the run keeps its own deadline
+
+
+# -- junk ------------------------------------------------------------------------------------------
+
+#: Where each server files the probe message for ``junked``: Dovecot (Sieve in LMTP) and
+#: Cyrus (default Sieve script in lmtpd) ``Junk``; Courier (Postfix delivers into the Maildir
+#: ``.Junk``) ``INBOX.Junk``. GreenMail has no server-side filtering: not in this test.
+JUNK_FOLDER = {"dovecot": "Junk", "cyrus": "Junk", "courier": "INBOX.Junk"}
+
+
+@pytest.mark.parametrize("matrix_server", _servers(WITH_POSTFIX), indirect=True)
+def test_delivered_to_junk(matrix_server) -> None:
+    env = matrix_server.env(to_user="junked", timeout="15")
+    result, _ = _cli(env)
+    assert result["success"] is False and result["error_class"] == "junk", result
+    assert result["error"].startswith("delivered to junk"), result
+    assert result["folder"] == JUNK_FOLDER[matrix_server.name], result
+    assert _probe_messages(matrix_server, env["MESSAGES_SELFCHECK_SECRET"], "junked") == []

@@ -26,7 +26,8 @@ Quick use::
         stack.view.messages(*stack.login("receiver"))   # -> [Message, ...]
         stack.maildir_files("receiver")     # -> [Path, ...] (cur + new of INBOX)
 
-Folders ``Junk``, ``Trash``, ``Sent`` exist (Maildir++ ``.Junk`` ...), namespace ``INBOX.``
+Mail for ``junked@example.test`` is delivered straight into its ``INBOX.Junk``. Folders
+``Junk``, ``Trash``, ``Sent`` exist (Maildir++ ``.Junk`` ...), namespace ``INBOX.``
 (separator ``.``: folders are ``INBOX.Junk`` ...). Capabilities (Debian defaults):
 ``IMAP4rev1 UIDPLUS CHILDREN NAMESPACE THREAD=... SORT QUOTA IDLE`` (+ ``STARTTLS``,
 ``AUTH=PLAIN`` after TLS); no MOVE advertised in the defaults, no SPECIAL-USE. IDLE without
@@ -152,8 +153,11 @@ class CourierStack(PostfixFront):
     def _write_postfix(self) -> None:
         super()._write_postfix()
         # Postfix virtual(8) map: address -> Maildir (trailing slash = Maildir format).
+        # ``junked`` gets everything straight into its Junk folder (INBOX.Junk), as if a
+        # filter had sorted it there.
         (self.pf_conf / "vmailbox").write_text("".join(
-            f"{u.address} {n}/Maildir/\n" for n, u in self.users.items()))
+            f"{u.address} {n}/Maildir/{'.Junk/' if n == 'junked' else ''}\n"
+            for n, u in self.users.items()))
         # MailStack's master.cf has no virtual(8) service: add it (Postfix' stock line).
         with open(self.pf_conf / "master.cf", "a") as f:
             f.write("virtual   unix  -       n       n       -       -       virtual\n")

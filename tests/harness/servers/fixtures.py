@@ -6,7 +6,7 @@
   skipped). ``"dovecot"`` is the session's existing ``mail_stack`` (tests/harness/mail_fixtures).
 * ``matrix_server`` (function scope, **indirectly parametrised** with a server name): a
   ``MatrixServer`` for that server, reset before the test (passwords restored, daemons
-  running, Postfix queue emptied, every mailbox of ``sender``/``receiver``/``held`` emptied)::
+  running, Postfix queue emptied, every mailbox of ``sender``/``receiver``/``held``/``junked`` emptied)::
 
       @pytest.mark.parametrize("matrix_server", ["cyrus", "greenmail"], indirect=True)
       def test_x(matrix_server):
@@ -63,7 +63,8 @@ class MatrixServer:
         return env
 
     def login(self, user: str) -> tuple[str, str]:
-        """``(address, password)`` of ``sender``/``receiver``/``held``."""
+        """``(address, password)`` of a user (``sender``, ``receiver``; with Postfix also
+        ``held``, ``junked``)."""
         u = self.stack.users[user]
         return u.address, u.password
 
@@ -139,7 +140,7 @@ def _reset(stack) -> None:
         if not stack.postfix_running():
             stack.start_postfix()
         stack.flush_queue()
-    for user in ("sender", "receiver", "held"):
+    for user in ("sender", "receiver", "held", "junked"):
         if user in stack.users:
             u = stack.users[user]
             stack.view.clear(u.address, u.password)
