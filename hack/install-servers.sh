@@ -10,11 +10,13 @@
 # into the cache, together with the libraries they need that a Debian 12 base lacks (also
 # unpacked, used through LD_LIBRARY_PATH). tests/harness/servers/ runs them from there with
 # explicit configuration files in temporary directories. Each part is done once: a `.complete`
-# stamp (listing the unpacked package versions) makes later runs a no-op (~10 ms); delete the
-# directory to refetch. GreenMail's jar is checked against a pinned SHA-256.
+# stamp (listing the unpacked package versions) makes later runs a no-op (~10 ms) as long as
+# the package list below is unchanged; delete the directory to refetch. GreenMail's jar is
+# checked against a pinned SHA-256; Java (default-jre-headless) is apt-installed if missing.
 #
-# Needs: root or sudo only for `apt-get update` when the package lists are missing; apt-get,
-# dpkg-deb, curl (or wget), a Java >= 11 on PATH for GreenMail (Debian's default-jre-headless).
+# Needs: root or sudo only for `apt-get update` when the package lists are missing and to
+# install Java; apt-get, dpkg-deb, curl (or wget). Running the servers needs root with mount
+# namespaces (unshare/nsenter, overlayfs), as the test suite has.
 # Usage: bash hack/install-servers.sh [cyrus|courier|greenmail ...]   (default: all three)
 # Env: MAIL_SELFCHECK_CACHE (default ~/.cache/mail-selfcheck).
 set -euo pipefail
@@ -93,10 +95,15 @@ check_libs() {  # dir, bins...
 install_debs() {  # name, bins-array-name, packages...
   local name=$1 bins_var=$2; shift 2
   local -n bins=$bins_var
-  [ -f "$CACHE/$name/.complete" ] && { log "$name: cached in $CACHE/$name"; return 0; }
+  # Cached when complete and unpacked from the same package list as this script's.
+  if [ -f "$CACHE/$name/.complete" ] && [ "$(cat "$CACHE/$name/.packages" 2>/dev/null)" = "$*" ]; then
+    log "$name: cached in $CACHE/$name"; return 0
+  fi
+  rm -f "$CACHE/$name/.complete"
   local t0=$SECONDS tmp
   tmp=$(unpack_debs "$name" "$@")
   check_libs "$tmp" "${bins[@]}"
+  echo "$*" > "$tmp/.packages"
   mv "$tmp/versions" "$tmp/.complete"
   rm -rf "$CACHE/$name"
   mv "$tmp" "$CACHE/$name"
@@ -118,16 +125,25 @@ install_greenmail() {
   fi
   echo "$GREENMAIL_SHA256  $dir/$jar.part" | sha256sum -c --quiet - || die "greenmail: SHA-256 mismatch for $url"
   mv "$dir/$jar.part" "$dir/$jar"
-  command -v java >/dev/null || log "WARNING: no java on PATH (GreenMail needs Java >= 11: apt-get install default-jre-headless)"
+}
+
+ensure_java() {  # GreenMail 2.1 needs Java >= 11; Debian 12's default is OpenJDK 17.
+  command -v java >/dev/null && return 0
+  log "greenmail: no java on PATH: apt-get install default-jre-headless"
+  apt-cache show default-jre-headless >/dev/null 2>&1 || $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends default-jre-headless >/dev/null
 }
 
 mkdir -p "$CACHE"
+# One installer at a time (parallel test runs share the cache).
+exec 9>"$CACHE/.lock"
+flock 9
 want=("$@"); [ ${#want[@]} -gt 0 ] || want=(cyrus courier greenmail)
 for w in "${want[@]}"; do
   case "$w" in
     cyrus) install_debs cyrus CYRUS_BINS "${CYRUS_PKGS[@]}" ;;
     courier) install_debs courier COURIER_BINS "${COURIER_PKGS[@]}" ;;
-    greenmail) install_greenmail ;;
+    greenmail) install_greenmail; ensure_java ;;
     *) die "unknown part '$w' (cyrus, courier, greenmail)" ;;
   esac
 done
