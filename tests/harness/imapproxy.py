@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import re
 import socket
-import subprocess
 import threading
 from dataclasses import dataclass, field
 
@@ -345,10 +344,6 @@ class ImapProxy:
             threading.Thread(target=self._c2s, args=(session, client, upstream, wlock), daemon=True).start()
             threading.Thread(target=self._s2c, args=(session, client, upstream, wlock), daemon=True).start()
 
-    @staticmethod
-    def _read_line(f) -> bytes:
-        return f.readline()
-
     def _c2s(self, s: Session, client, upstream, wlock) -> None:
         f = client.makefile("rb")
         try:
@@ -432,11 +427,8 @@ class ImapProxy:
                     if name == "IDLE":
                         s.idle_tag = None
                     self.personality.completed(s, t.group(1), name, line, status)
-                with wlock:
+                with wlock:  # what follows a literal is read as the next "line"
                     client.sendall(out + literal)
-                    if literal:
-                        # the rest of the response after the literal is read as the next "line"
-                        pass
         except OSError:
             pass
         finally:

@@ -67,7 +67,13 @@ def _grown(box: "Mailbox", responses) -> bool:
 
 
 def _idle(box: "Mailbox", seconds: float, deadline: float) -> bool:
-    early = box.client.idle()
+    try:
+        early = box.client.idle()
+    except IMAPClientError as exc:
+        if not str(exc).startswith("IDLE failed"):
+            raise
+        box.idle_refused = True  # advertised but refused: poll from now on
+        return _noop(box)
     box.idling = True
     try:
         responses = box.client.idle_check(timeout=seconds)
@@ -137,8 +143,8 @@ def wait_for(box: "Mailbox", nonce: str, deadline: float) -> "Found":
 
 def _wait_session(box, nonce, deadline, strategy, start, delay, last_search, next_junk) -> "Found | None":
     """Detection on the current session; ``None`` at the deadline. Network errors propagate."""
-    has_idle = box.client.has_capability("IDLE")
     while True:
+        has_idle = box.client.has_capability("IDLE") and not box.idle_refused
         now = time.monotonic()
         remaining = deadline - now
         if remaining <= 0:

@@ -109,6 +109,7 @@ class Mailbox:
         self.junk: str | None = None  # the first junk folder (for logs)
         self.junk_uidnext: dict[str, int] = {}  # junk folder -> UIDNEXT when the run began
         self.idling = False
+        self.idle_refused = False  # the server advertised IDLE but answered it NO/BAD
         self.ready = False  # logged in and the folder selected
         self.reconnects = 0
         self._tcp_was_up = False
