@@ -30,6 +30,7 @@ Personalities (each reproduces one documented behaviour; the tests cite the sour
   mail was announced goes unanswered forever (a NAT that dropped the flow).
 * :class:`ExchangeJunkMove` -- no special-use attributes, ``Junk Email``, and spam moved
   there after delivery to INBOX, between the probe's SEARCH and its FETCH (Exchange Online).
+* :class:`IdleRefused` -- ``IDLE`` advertised, but answered ``NO``.
 * :class:`BadCharset` -- a SEARCH with ``CHARSET`` is refused ``NO [BADCHARSET (US-ASCII)]``
   (Exchange).
 
@@ -202,6 +203,15 @@ class DeadIdle(Personality):
             self.fired = True
             return True
         return False
+
+
+class IdleRefused(Personality):
+    """IDLE advertised but answered ``NO`` (servers or proxies with IDLE disabled by policy)."""
+
+    def command(self, s, tag, name, line):
+        if name == "IDLE":
+            return Reply(tag + b" NO IDLE is disabled.\r\n")
+        return None
 
 
 class BadCharset(Personality):

@@ -266,3 +266,13 @@ def test_message_moved_to_junk_email_after_delivery_is_reported_as_junk(stack, m
     assert result.folder == "Junk Email" and "moved to 'Junk Email'" in result.error
     assert junk_left == [] and _tokens(stack, "receiver", "INBOX") == []
     assert result.duration < 10
+
+
+def test_idle_advertised_but_refused_falls_back_to_polling(stack, monkeypatch, proxied) -> None:
+    """A server (or an IMAP proxy in front of it) that advertises IDLE and answers it ``NO``:
+    RFC 2177 makes IDLE optional to honour; the probe polls instead of failing."""
+    _proxy, env = proxied(imapproxy.IdleRefused(), MESSAGES_SELFCHECK_IMAP_DETECTION="idle",
+                          MESSAGES_SELFCHECK_TIMEOUT="10")
+    result = _run(monkeypatch, env)
+    assert result.success, result.error
+    assert result.reception_time < 3
