@@ -231,8 +231,9 @@ class Gmail(CapabilityEdit):
     TRASH = "[Gmail]/Bin"
     ALL = "[Gmail]/All Mail"
 
-    def __init__(self, trash_purges_all_mail: bool = True):
+    def __init__(self, trash_purges_all_mail: bool = True, all_mail_read_only: bool = False):
         self.trash_purges_all_mail = trash_purges_all_mail
+        self.all_mail_read_only = all_mail_read_only  # MOVE/COPY/STORE refused in All Mail
         self._moving: dict[bytes, list[str]] = {}
 
     def response(self, s, line):
@@ -251,6 +252,9 @@ class Gmail(CapabilityEdit):
         return None
 
     def command(self, s, tag, name, line):
+        if self.all_mail_read_only and s.selected == self.ALL and name in (
+                "UID MOVE", "UID COPY", "MOVE", "COPY", "UID STORE", "STORE"):
+            return Reply(tag + b" NO [CANNOT] This folder is read-only here.\r\n")
         if name in ("UID MOVE", "UID COPY", "MOVE", "COPY") and s.user and s.selected:
             m = re.match(rb"\S+ (?:UID )?(?:MOVE|COPY) (\S+) (.+)$", line, re.I)
             if m and m.group(2).decode().strip('"') == self.TRASH and self.trash_purges_all_mail:

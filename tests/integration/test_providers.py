@@ -276,3 +276,15 @@ def test_idle_advertised_but_refused_falls_back_to_polling(stack, monkeypatch, p
     result = _run(monkeypatch, env)
     assert result.success, result.error
     assert result.reception_time < 3
+
+
+def test_gmail_copy_left_in_all_mail_is_reported_and_counted(stack, monkeypatch, proxied) -> None:
+    """Gmail where the copy in ``\\All`` survives the move to Trash and cannot be moved itself
+    (https://support.google.com/mail/answer/7401; the "auto-expunge off / archive" IMAP
+    settings): the absence check by Message-ID finds it: a warning and a count, never silence."""
+    _proxy, env = proxied(imapproxy.Gmail(trash_purges_all_mail=False, all_mail_read_only=True), user="gmail")
+    result = _run(monkeypatch, env)
+    assert result.success, result.error
+    assert result.cleanup_warning and "a copy remains in '[Gmail]/All Mail'" in result.cleanup_warning
+    assert result.leftover_count == 1
+    assert len(_tokens(stack, "gmail", "[Gmail]/All Mail")) == 1 and _tokens(stack, "gmail", "INBOX") == []

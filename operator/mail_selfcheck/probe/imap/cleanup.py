@@ -31,6 +31,7 @@ warning. Mailboxes are never deleted.
 
 from __future__ import annotations
 
+import imaplib
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -224,15 +225,25 @@ class _Run:
         else:
             self.left.pop(folder, None)
 
+    def clean_safely(self, folder: str) -> None:
+        """:meth:`clean`, noting a refused command (NO/BAD) instead of giving up; a broken
+        connection still raises."""
+        try:
+            self.clean(folder)
+        except imaplib.IMAP4.abort:
+            raise
+        except IMAPClientError as exc:
+            self.note(f"IMAP server {self.server} refused a cleanup command in {folder!r}: {exc}")
+
     # -- Gmail: confirm absence from \All ---------------------------------------------------------
     def confirm_all_mail(self) -> None:
         all_mail = self.folders.all_mail
         if not all_mail:
             return
         self.moved_to_trash = False
-        self.clean(all_mail)  # earlier runs' copies (archived or label-expunged) go to Trash too
+        self.clean_safely(all_mail)  # earlier runs' copies (archived or label-expunged) go to Trash too
         if self.moved_to_trash and self.folders.trash:
-            self.clean(self.folders.trash)
+            self.clean_safely(self.folders.trash)
         self.client.select_folder(all_mail, readonly=True)
         remaining = set()
         if self.message_id:
@@ -274,14 +285,16 @@ def remove_probe_messages(
         The warning (``None`` when clean) and the number of own doomed messages left.
 
     Raises:
-        OSError, IMAPClientError: the session broke (the caller may retry on a new one).
+        OSError, imaplib.IMAP4.abort: the session broke (the caller may retry on a new one).
+        IMAPClientError: a command outside the per-folder steps was refused (a refused step
+            inside a folder becomes a note in the warning instead).
     """
     run = _Run(client, server, secret, nonce, sweep_older_than, folders, message_id)
     for folder in dict.fromkeys(folders_to_clean):
         if folder:
-            run.clean(folder)
+            run.clean_safely(folder)
     if folders.trash and folders.trash not in folders_to_clean:
-        run.clean(folders.trash)  # this run's moved copy, and leftovers of earlier runs
+        run.clean_safely(folders.trash)  # this run's moved copy, and leftovers of earlier runs
     if folders.gmail:
         run.confirm_all_mail()
     for reply, where in run.refused.items():
