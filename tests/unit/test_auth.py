@@ -1,0 +1,175 @@
+"""OAuth2 credentials: SASL encodings (RFC 7628, XOAUTH2) and the provider presets' request shapes.
+
+The presets are checked against the providers' documentation without any network: the HTTP
+client MSAL and google-auth use is replaced by a recorder that answers like the documented
+endpoints and keeps every request for assertions.
+
+* Microsoft identity platform, client credentials:
+  https://learn.microsoft.com/entra/identity-platform/v2-oauth2-client-creds-grant-flow
+  (POST https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token, ``scope=https://outlook.office365.com/.default``,
+  https://learn.microsoft.com/exchange/client-developer/legacy-protocols/how-to-authenticate-an-imap-pop-smtp-application-by-using-oauth)
+* Google service account with domain-wide delegation:
+  https://developers.google.com/identity/protocols/oauth2/service-account#authorizingrequests
+  (a JWT with ``iss`` = the service account, ``sub`` = the impersonated user, ``scope``,
+  ``aud`` = the token URI, grant ``urn:ietf:params:oauth:grant-type:jwt-bearer``)
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import urllib.parse
+
+import pytest
+import requests
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from mail_selfcheck.probe.auth import sasl
+from mail_selfcheck.probe.auth.tokens import (
+    GOOGLE_TOKEN_URL, MICROSOFT_APP_SCOPE, OAuth2Config, TokenError, _refusal, fetch,
+)
+
+
+def test_xoauth2_initial_response_is_the_google_microsoft_format():
+    assert sasl.xoauth2("someuser@example.com", "ya29.vF9dft4qmTc2Nvb3RlckBhdHRhdmlzdGEuY29tCg") == (
+        b"user=someuser@example.com\x01auth=Bearer ya29.vF9dft4qmTc2Nvb3RlckBhdHRhdmlzdGEuY29tCg\x01\x01")
+
+
+def test_oauthbearer_initial_response_follows_rfc7628():
+    # RFC 7628 section 4.1 example: n,a=user@example.com,^Ahost=server.example.com^Aport=143^Aauth=Bearer ...^A^A
+    assert sasl.oauthbearer("user@example.com", "vF9dft4qmTc2Nvb3RlckBhbHRhdmlzdGEuY29tCg==", "server.example.com", 143) == (
+        b"n,a=user@example.com,\x01host=server.example.com\x01port=143\x01"
+        b"auth=Bearer vF9dft4qmTc2Nvb3RlckBhbHRhdmlzdGEuY29tCg==\x01\x01")
+    assert sasl.oauthbearer("a,b=c", "t", "h", 1).startswith(b"n,a=a=2Cb=3Dc,")  # RFC 5801 saslname escaping
+
+
+def test_mechanism_choice_prefers_oauthbearer_and_honours_a_forced_one():
+    assert sasl.choose(["PLAIN", "XOAUTH2", "OAUTHBEARER"]) == "OAUTHBEARER"
+    assert sasl.choose(["plain", "xoauth2"]) == "XOAUTH2"
+    assert sasl.choose(["XOAUTH2", "OAUTHBEARER"], forced="xoauth2") == "XOAUTH2"
+    assert sasl.choose(["XOAUTH2"], forced="OAUTHBEARER") is None
+    assert sasl.choose(["PLAIN", "LOGIN"]) is None
+
+
+def test_error_challenge_is_decoded_without_the_token():
+    challenge = base64.b64encode(json.dumps(
+        {"status": "401", "schemes": "bearer", "scope": "https://mail.google.com/"}).encode())
+    assert sasl.describe_error_challenge(challenge) == "status 401, scope https://mail.google.com/, schemes bearer"
+    assert sasl.describe_error_challenge(b"not base64 at all!") == "not base64 at all!"
+
+
+@pytest.mark.parametrize("error, error_class", [
+    ("invalid_client", "oauth2_invalid_client"),
+    ("unauthorized_client", "oauth2_invalid_client"),
+    ("invalid_grant", "oauth2_invalid_grant"),
+    ("invalid_scope", "oauth2_error"),
+])
+def test_token_endpoint_errors_have_their_own_class(error, error_class):
+    exc = _refusal("login.example", error, "AADSTS7000215: Invalid client secret provided.")
+    assert exc.error_class == error_class and error in str(exc) and "AADSTS7000215" in str(exc)
+
+
+class Recorder:
+    """The HTTP client of MSAL (get/post) and google-auth (request): answers as ``routes`` say, keeps requests."""
+
+    def __init__(self, routes: dict[str, dict]) -> None:
+        self.routes, self.calls = routes, []
+
+    def _answer(self, method: str, url: str, **kwargs) -> requests.Response:
+        self.calls.append({"method": method, "url": url, **kwargs})
+        body = next((v for k, v in self.routes.items() if url.split("?")[0].endswith(k)), None)
+        resp = requests.Response()
+        resp.status_code = 200 if body is not None else 404
+        resp._content = json.dumps(body or {"error": "not_found"}).encode()
+        resp.headers["Content-Type"] = "application/json"
+        resp.url = url
+        return resp
+
+    def get(self, url, **kwargs):
+        return self._answer("GET", url, **kwargs)
+
+    def post(self, url, **kwargs):
+        return self._answer("POST", url, **kwargs)
+
+    def request(self, method, url, **kwargs):
+        return self._answer(method, url, **kwargs)
+
+    def close(self):
+        pass
+
+    verify = True
+
+
+def _form(data) -> dict:
+    if isinstance(data, bytes):
+        data = data.decode()
+    if isinstance(data, str):
+        return dict(urllib.parse.parse_qsl(data))
+    return dict(data)
+
+
+def test_microsoft_app_only_preset(monkeypatch):
+    tenant = "contoso.onmicrosoft.com"
+    base = f"https://login.microsoftonline.com/{tenant}"
+    recorder = Recorder({
+        "/v2.0/.well-known/openid-configuration": {
+            "token_endpoint": f"{base}/oauth2/v2.0/token", "authorization_endpoint": f"{base}/oauth2/v2.0/authorize",
+            "issuer": f"https://login.microsoftonline.com/{tenant}/v2.0"},
+        "/oauth2/v2.0/token": {"access_token": "eyJ0-access", "expires_in": 3599, "token_type": "Bearer"},
+    })
+    import mail_selfcheck.probe.auth.tokens as tokens
+
+    monkeypatch.setattr(tokens, "_TimeoutSession", lambda http, timeout: recorder)
+    config = OAuth2Config(provider="microsoft", tenant=tenant, client_id="11111111-2222", client_secret="s3cr3t~value")
+    token = fetch(config, "imap", "monitor@contoso.com", timeout=10)
+    assert token.value == "eyJ0-access" and token.expires_in == 3599
+    (post,) = [c for c in recorder.calls if c["method"] == "POST"]
+    assert post["url"] == f"{base}/oauth2/v2.0/token"
+    form = _form(post["data"])
+    assert form["grant_type"] == "client_credentials" and form["scope"] == MICROSOFT_APP_SCOPE
+    assert form["client_id"] == "11111111-2222" and form["client_secret"] == "s3cr3t~value"
+
+
+def test_microsoft_refusal_is_reported_with_its_aadsts_code(monkeypatch):
+    tenant = "contoso.onmicrosoft.com"
+    base = f"https://login.microsoftonline.com/{tenant}"
+    recorder = Recorder({
+        "/v2.0/.well-known/openid-configuration": {
+            "token_endpoint": f"{base}/oauth2/v2.0/token", "authorization_endpoint": f"{base}/oauth2/v2.0/authorize",
+            "issuer": f"{base}/v2.0"},
+        "/oauth2/v2.0/token": {"error": "invalid_client",
+                               "error_description": "AADSTS7000215: Invalid client secret provided."},
+    })
+    import mail_selfcheck.probe.auth.tokens as tokens
+
+    monkeypatch.setattr(tokens, "_TimeoutSession", lambda http, timeout: recorder)
+    with pytest.raises(TokenError) as info:
+        fetch(OAuth2Config(provider="microsoft", tenant=tenant, client_id="c", client_secret="wrong"), "smtp", "m@x", 10)
+    assert info.value.error_class == "oauth2_invalid_client" and "AADSTS7000215" in str(info.value)
+    assert "wrong" not in str(info.value)
+
+
+def test_google_service_account_preset(monkeypatch):
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption()).decode()
+    account = {"type": "service_account", "client_email": "monitor@proj.iam.gserviceaccount.com",
+               "private_key": pem, "private_key_id": "k1", "token_uri": GOOGLE_TOKEN_URL, "client_id": "123"}
+    recorder = Recorder({"/token": {"access_token": "ya29.access", "expires_in": 3599, "token_type": "Bearer"}})
+    import mail_selfcheck.probe.auth.tokens as tokens
+
+    monkeypatch.setattr(tokens, "_TimeoutSession", lambda http, timeout: recorder)
+    config = OAuth2Config(provider="google", service_account_json=json.dumps(account))
+    assert fetch(config, "imap", "probe@example.com", 10).value == "ya29.access"
+    (post,) = recorder.calls
+    assert post["url"] == GOOGLE_TOKEN_URL
+    form = _form(post["data"])
+    assert form["grant_type"] == "urn:ietf:params:oauth:grant-type:jwt-bearer"
+    from google.auth import jwt
+
+    claims = jwt.decode(form["assertion"], certs=key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo), audience=GOOGLE_TOKEN_URL)
+    assert claims["iss"] == "monitor@proj.iam.gserviceaccount.com" and claims["sub"] == "probe@example.com"
+    assert claims["scope"] == "https://mail.google.com/"
+    assert pem not in json.dumps(OAuth2Config.__repr__(config)) and pem in config.secrets()
