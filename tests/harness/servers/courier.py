@@ -42,7 +42,7 @@ import subprocess
 import textwrap
 import time
 
-from tests.harness.mailstack import HOST, _imap_greeting, _tail, _wait_port
+from tests.harness.mailstack import HOST, _imap_greeting, _kill_wait, _tail, _wait_port
 
 from .common import (Bind, ImapView, Overlay, PostfixFront, ServerStackError, ensure_installed,
                      lib_path, mail_ids, namespace_argv, package_versions, stop_process)
@@ -248,7 +248,10 @@ class CourierStack(PostfixFront):
         tls = {**IMAPD_ENV, "COURIERTLS": str(r / "usr/bin/couriertls"),
                "TLS_CERTFILE": str(self.pem_file), "TLS_TRUSTCERTS": str(self.ca_file),
                "IMAP_CAPABILITY_TLS": IMAPD_ENV["IMAP_CAPABILITY"] + " AUTH=PLAIN",
-               "IMAP_SHAREDINDEXFILE": str(self.co_dir / "shared-index")}
+               "IMAP_SHAREDINDEXFILE": str(self.co_dir / "shared-index"),
+               # libgamin's server socket is per user + GAM_CLIENT_ID: one gam_server per
+               # stack (all run as ``mail``), not one shared with other stacks.
+               "GAM_CLIENT_ID": f"mailstack-{self.imap_port}"}
         self._spawn("imap", [*tcpd, str(self.imap_port), *imapd], {**tls, "IMAP_STARTTLS": "YES"})
         self._spawn("imaps", [*tcpd, str(self.imaps_port), str(r / "usr/bin/couriertls"),
                               "-server", "-tcpd", *imapd],
@@ -264,10 +267,32 @@ class CourierStack(PostfixFront):
         self.stop_backend()
         raise self._fail(f"Courier-IMAP did not come up (exit codes {codes})")
 
+    def _namespace_pids(self) -> list[int]:
+        """PIDs of the processes in the holder's mount namespace other than the holder
+        (``gam_server``, which libgamin starts detached for IDLE, and anything else left)."""
+        if self._holder is None:
+            return []
+        try:
+            ns = os.readlink(f"/proc/{self._holder.pid}/ns/mnt")
+        except OSError:
+            return []
+        pids = []
+        for d in pathlib.Path("/proc").iterdir():
+            if d.name.isdigit() and int(d.name) != self._holder.pid:
+                try:
+                    if os.readlink(d / "ns" / "mnt") == ns:
+                        pids.append(int(d.name))
+                except OSError:
+                    continue
+        return pids
+
     def stop_backend(self) -> None:
-        """Stop the listeners, authdaemond and the namespace holder (by PID). Never raises."""
+        """Stop the listeners, authdaemond, then whatever else runs in the stack's mount
+        namespace (``gam_server``), then the namespace holder (all by PID). Never raises."""
         for name in ("imaps", "imap", "authdaemond"):
             stop_process(self._procs.pop(name, None), 5)
+        for pid in self._namespace_pids():
+            _kill_wait(pid, 2)
         stop_process(self._holder, 2)
         self._holder = None
 
