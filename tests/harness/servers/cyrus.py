@@ -17,7 +17,7 @@ Quick use::
         env = stack.probe_env()             # sender -> receiver, STARTTLS submission, IMAPS
         stack.view.messages(*stack.login("receiver"))   # -> [Message, ...]
 
-    python -m tests.harness.servers cyrus up    # foreground; prints the probe env
+    python -m tests.harness.servers cyrus up    # foreground; prints the probe env (also courier, greenmail)
 
 Cyrus settings worth knowing (``imapd.conf`` in ``<base>/cyrus/imapd.conf``):
 ``virtdomains: userid`` (login and mailbox owner ``receiver@example.test``),
