@@ -9,8 +9,9 @@ against several real IMAP servers on loopback (tests/harness/servers):
 Scenarios: success in every TLS mode and detection strategy (message delivered, found,
 verified and deleted: no probe message left in any folder), other mail untouched (a foreign
 message, another probe's message, another probe whose secret ends with ours), our own old
-leftover swept, wrong IMAP/SMTP password, wrong TLS mode per port, late delivery and no
-delivery (Postfix HOLD, released or not). Where today's probe is wrong the test still asserts
+leftover swept, another client's ``\\Deleted`` message untouched, wrong IMAP/SMTP password,
+an authentication backend that is down (Courier), wrong TLS mode per port, delivery to junk,
+late delivery and no delivery (Postfix HOLD, released or not). Where today's probe is wrong the test still asserts
 the right behaviour and is marked ``xfail(strict=True)`` with the issue 9 item, so it flips
 (and fails as XPASS) when the fix lands.
 """
@@ -351,3 +352,20 @@ def test_delivered_to_junk(matrix_server) -> None:
     assert result["error"].startswith("delivered to junk"), result
     assert result["folder"] == JUNK_FOLDER[matrix_server.name], result
     assert _probe_messages(matrix_server, env["MESSAGES_SELFCHECK_SECRET"], "junked") == []
+
+
+# -- the server cannot check the password --------------------------------------------------------------
+
+
+@_xfail(11, "Courier answers 'NO Temporary problem, please try again later' without RFC 5530's "
+            "[UNAVAILABLE]: classed mailbox_unavailable like a wrong password")
+@pytest.mark.parametrize("matrix_server", _servers(["courier"]), indirect=True)
+def test_courier_auth_backend_down_is_a_temporary_auth_failure(matrix_server) -> None:
+    """authdaemond stopped: Courier's imaplogin cannot check any password."""
+    matrix_server.stack.stop_authdaemond()
+    try:
+        result, _ = _cli(matrix_server.env())
+    finally:
+        matrix_server.stack.start_backend()
+    assert result["success"] is False and result["error_class"] == "auth_temporary", result
+    assert "Temporary problem" in result["error"], result

@@ -229,7 +229,9 @@ class CourierStack(PostfixFront):
                                                  stdin=subprocess.DEVNULL, env=env)
 
     def backend_running(self) -> bool:
-        return bool(self._procs) and all(p.poll() is None for p in self._procs.values())
+        """True if authdaemond and both listeners we started are alive."""
+        return set(self._procs) == {"authdaemond", "imap", "imaps"} and all(
+            p.poll() is None for p in self._procs.values())
 
     def start_backend(self) -> None:
         """Start the namespace holder, ``authdaemond`` and the two ``couriertcpd`` listeners;
@@ -266,6 +268,11 @@ class CourierStack(PostfixFront):
         codes = {n: p.poll() for n, p in self._procs.items()}
         self.stop_backend()
         raise self._fail(f"Courier-IMAP did not come up (exit codes {codes})")
+
+    def stop_authdaemond(self) -> None:
+        """Stop only ``authdaemond`` (IMAP LOGIN then answers ``NO Temporary problem, please
+        try again later``). ``start_backend()`` (the fixture's reset) restarts everything."""
+        stop_process(self._procs.pop("authdaemond", None), 5)
 
     def _namespace_pids(self) -> list[int]:
         """PIDs of the processes in the holder's mount namespace other than the holder
