@@ -117,7 +117,7 @@ def _cleanup(
     attempts = [mailbox] if mailbox.ready else []
     if sent:
         attempts.append(None)  # a fresh session, if the first attempt fails or is impossible
-    report = CleanupReport(None, 0 if not attempts else None)
+    report = CleanupReport(None, None)  # nothing looked at (yet)
     for candidate in attempts:
         box = candidate
         try:
