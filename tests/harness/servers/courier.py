@@ -30,8 +30,10 @@ Mail for ``junked@example.test`` is delivered straight into its ``INBOX.Junk``. 
 ``Junk``, ``Trash``, ``Sent`` exist (Maildir++ ``.Junk`` ...), namespace ``INBOX.``
 (separator ``.``: folders are ``INBOX.Junk`` ...). Capabilities (Debian defaults):
 ``IMAP4rev1 UIDPLUS CHILDREN NAMESPACE THREAD=... SORT QUOTA IDLE`` (+ ``STARTTLS``,
-``AUTH=PLAIN`` after TLS); no MOVE advertised in the defaults, no SPECIAL-USE. IDLE without
-FAM (``IMAP_ENHANCEDIDLE=0``) re-checks the mailbox every few seconds (Courier's default).
+``AUTH=PLAIN`` after TLS); no MOVE advertised in the defaults, no SPECIAL-USE. With
+Debian's ``IMAP_ENHANCEDIDLE=0`` Courier sends **no** ``* n EXISTS`` during IDLE for a new
+Maildir message (measured: none within 15 s; with ``IMAP_ENHANCEDIDLE=1`` and gamin it
+does, after ~2 s): a client must re-check on its own.
 """
 
 from __future__ import annotations
