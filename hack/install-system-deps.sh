@@ -2,7 +2,8 @@
 # Install the Debian packages the test suite and the demo need. Idempotent; run as root
 # (or with sudo available). Nothing here is needed by users of the operator itself.
 set -euo pipefail
-pkgs=(postfix dovecot-imapd dovecot-lmtpd dovecot-sieve postgrey openssl ca-certificates procps buildah debootstrap)
+# prometheus: promtool, for the alert-rule tests (tests/cluster/test_alerts.py)
+pkgs=(postfix dovecot-imapd dovecot-lmtpd dovecot-sieve postgrey openssl ca-certificates procps buildah debootstrap prometheus)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

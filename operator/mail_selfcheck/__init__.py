@@ -10,4 +10,4 @@ Sub-packages:
   MailSelfcheck spec.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -28,7 +28,10 @@ exit status: 0 when the probe ran to a verdict, whether the check succeeded or f
 
 
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="mail-selfcheck", description="End-to-end mail delivery selfcheck.")
+    parser.add_argument("--version", action="version", version=f"mail-selfcheck {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser(

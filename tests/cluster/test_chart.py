@@ -148,11 +148,11 @@ def _exposed_metric_names() -> set[str]:
 
     registry = CollectorRegistry()
     metrics = Metrics(registry)
-    metrics.set_interval("ns", "n", 600)
-    metrics.observe("ns", "n", success=True, error_class=None, send_time=0.1, reception_time=1.0,
-                    consecutive_failures=0, timestamp=1.0)
+    metrics.set_resource("ns", "n", interval=600, suspended=False, created=1.0)
     metrics.observe("ns", "n", success=False, error_class="smtp_auth", send_time=None, reception_time=None,
-                    consecutive_failures=1, timestamp=2.0)
+                    consecutive_failures=1, timestamp=1.0)
+    metrics.observe("ns", "n", success=True, error_class=None, send_time=0.1, reception_time=1.0,
+                    consecutive_failures=0, timestamp=2.0)
     text = generate_latest(registry).decode()
     return {m.group(1) for m in re.finditer(r"^(mail_selfcheck_\w+)[{ ]", text, re.M)}
 
@@ -277,7 +277,7 @@ def test_template_default(control_plane, tmp_path):
     args = _one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["args"]
     assert not [a for a in args if a.startswith("--namespace")], "cluster-wide: no --namespace"
     image = _one(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]["image"]
-    assert image == "ghcr.io/mail-selfcheck/mail-selfcheck:0.1.0"
+    assert image == "ghcr.io/mail-selfcheck/mail-selfcheck:0.2.0"
 
 
 @pytest.mark.cluster
@@ -358,16 +358,22 @@ def test_template_optional_value_sets(control_plane, tmp_path, name):
                 assert r["labels"]["severity"] and r["annotations"]["summary"] and r["annotations"]["description"]
                 for key, value in (rule_values.get("alertLabels") or {}).items():
                     assert r["labels"][key] == value
+        # The values reach the expressions (their semantics: tests/cluster/test_alerts.py, promtool).
         failing = rule_values.get("failing", {})
-        assert alerts["MailSelfcheckFailing"]["expr"] == (
-            f"mail_selfcheck_consecutive_failures >= {failing.get('consecutiveFailures', 3)}")
-        assert alerts["MailSelfcheckNoRecentSuccess"]["expr"] == (
-            f"time() - mail_selfcheck_last_success_timestamp_seconds > "
-            f"{rule_values.get('noSuccess', {}).get('intervals', 2)} * mail_selfcheck_interval_seconds")
+        assert (f"mail_selfcheck_consecutive_failures >= {failing.get('consecutiveFailures', 3)}"
+                in alerts["MailSelfcheckFailing"]["expr"])
+        assert alerts["MailSelfcheckFailing"]["for"] == failing.get("for", "1m")
+        no_success = rule_values.get("noSuccess", {})
+        assert (f"({no_success.get('intervals', 2)} * max by (namespace, name) (mail_selfcheck_interval_seconds))"
+                in alerts["MailSelfcheckNoRecentSuccess"]["expr"])
+        assert alerts["MailSelfcheckNoRecentSuccess"]["for"] == no_success.get("for", "5m")
         slow = rule_values.get("slowReception", {})
-        assert alerts["MailSelfcheckSlowReception"]["expr"] == (
-            f"mail_selfcheck_last_reception_time_seconds > {slow.get('thresholdSeconds', 60)}")
+        assert (f"mail_selfcheck_last_reception_time_seconds > {slow.get('thresholdSeconds', 60)}"
+                in alerts["MailSelfcheckSlowReception"]["expr"])
         assert alerts["MailSelfcheckSlowReception"]["for"] == slow.get("for", "15m")
+        for alert in alerts.values():
+            assert "unless on (namespace, name) mail_selfcheck_suspended == 1" in alert["expr"] or (
+                alert["alert"] == "MailSelfcheckOperatorDown")
         if rule_values.get("additionalRules"):
             assert group["rules"][-1] == rule_values["additionalRules"][-1]
     else:

@@ -452,6 +452,10 @@ def test_missing_secret_key_ends_the_check_early(control_plane, mail_stack, oper
     assert len(events(cp, ns, "CheckFailing")) == 1
     assert log_lines(operator, "WARNING", ns, "typo", "failure (job_config)")
     print(f"missing Secret key reported {elapsed:.1f}s after apply (deadline would be 90 s)")
+    # The fix is checked at once (the spec changed after a failed check), not an interval (120 s) later.
+    cp.kubectl("-n", ns, "patch", "mailselfcheck", "typo", "--type=json",
+               "-p", '[{"op": "replace", "path": "/spec/imap/passwordSecretRef/key", "value": "imap"}]')
+    wait_until(lambda: status(cp, ns, "typo").get("success") is True, 30, "a check of the fixed spec", diag=d)
 
 
 def test_deletion_never_waits_for_the_operator(control_plane, mail_stack, operator, k8s_namespace):
@@ -498,3 +502,30 @@ def test_a_job_owned_by_someone_else_is_never_adopted(control_plane, mail_stack,
     assert len(events(cp, ns, "JobNameConflict")) == 1
     job = get(cp, ns, "job", taken)
     assert not job["metadata"].get("ownerReferences") and job["spec"]["suspend"] is True, "the foreign Job was touched"
+
+
+def test_a_recreated_watched_namespace_does_not_stop_the_operator(control_plane, mail_stack, crd, k8s_namespace,
+                                                                  tmp_path):
+    """Namespaced install over two namespaces; one is deleted and re-created (its Role is gone, 403): the
+    operator keeps running past kopf's default retry budget (~54 s) and checks go on in the other one."""
+    cp, ns = control_plane, k8s_namespace
+    other = f"other-{uuid.uuid4().hex[:6]}"
+    cp.kubectl("create", "namespace", other)
+    op = ChartOperator(cp, f"ops-{uuid.uuid4().hex[:6]}", tmp_path / "operator.log",
+                       values={"watchNamespaces": [ns, other]})
+    try:
+        op.start()
+        env = mail_stack.probe_env()
+        mail_secrets(cp, ns, env)
+        apply(cp, ns, selfcheck(env, interval=600))
+        wait_until(lambda: status(cp, ns).get("success") is True, 30, "a first check", diag=diag(cp, ns, op))
+        cp.kubectl("delete", "namespace", other, "--timeout=60s")
+        cp.kubectl("create", "namespace", other)
+        time.sleep(70)
+        assert op.alive(), f"the operator exited:\n{op.text()[-3000:]}"
+        cp.kubectl("-n", ns, "annotate", "mailselfcheck", "demo", f"{RUN_NOW}=1")
+        wait_until(lambda: len(status(cp, ns).get("history") or []) >= 2, 30, "a check in the healthy namespace",
+                   diag=diag(cp, ns, op))
+    finally:
+        op.uninstall()
+        cp.kubectl("delete", "namespace", other, op.namespace, "--wait=false", check=False)

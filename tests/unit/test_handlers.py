@@ -23,3 +23,14 @@ def test_the_daemon_requires_no_finalizer():
 
 def test_watches_are_filtered_by_the_api_server():
     assert handlers.MANAGED_SELECTOR == "app.kubernetes.io/managed-by=mail-selfcheck-operator"
+
+
+def test_kopf_never_gives_up_on_api_requests():
+    """A 403 in one watched namespace (re-created without its Role) must not end the operator."""
+    import itertools
+
+    backoffs = handlers.RetryForever()
+    first = list(itertools.islice(backoffs, 50))
+    assert first[:8] == [1, 1, 2, 3, 5, 8, 13, 21] and set(first[8:]) == {30}
+    assert list(itertools.islice(backoffs, 3)) == [1, 1, 2], "a fresh sequence for every request"
+    assert not hasattr(backoffs, "__len__")

@@ -160,3 +160,13 @@ def test_pods_making_progress_are_not_blocked():
     assert blocked_pod(_pending_pod(scheduled={"reason": "SchedulingGated"})) is None
     running = {"metadata": {"name": "p"}, "status": {"containerStatuses": [{"name": "probe", "state": {"running": {}}}]}}
     assert blocked_pod(running) is None
+
+
+def test_jobs_and_pods_name_their_mailselfcheck():
+    from mail_selfcheck.controller.jobs import instance_label
+
+    job = manifest()
+    assert job["metadata"]["labels"]["app.kubernetes.io/instance"] == "demo"
+    assert job["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/instance"] == "demo"
+    long = "a" * 70 + ".example"
+    assert len(instance_label(long)) <= 63 and instance_label(long) != instance_label("a" * 71 + ".example")

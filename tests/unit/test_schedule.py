@@ -73,3 +73,10 @@ def test_job_names_differ_between_resources():
 def test_time_format_round_trip():
     assert format_time(T0) == "2025-01-01T12:00:00Z"
     assert parse_time("2025-01-01T12:00:00Z") == T0 and parse_time(None) is None
+
+
+def test_skipped_slots():
+    from mail_selfcheck.controller.schedule import skipped_slots
+
+    assert skipped_slots(T0, at(60), 60) == 0
+    assert skipped_slots(T0, due_slot(at(250), 60, T0, T0), 60) == 3  # 60, 120, 180 missed; 240 runs

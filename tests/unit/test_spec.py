@@ -129,3 +129,35 @@ def test_missing_secret_ref():
 
 def test_yaml_round_trip():
     assert yaml.safe_load(crd_yaml()) == crd_manifest()
+
+
+def _undescribed(node, path="") -> list[str]:
+    missing = []
+    for name, sub in (node.get("properties") or {}).items():
+        where = f"{path}.{name}"
+        if where in (".apiVersion", ".kind", ".metadata"):
+            continue
+        if not sub.get("description"):
+            missing.append(where)
+        missing += _undescribed(sub, where)
+        if "items" in sub:
+            missing += _undescribed(sub["items"], where + "[]")
+        if isinstance(sub.get("additionalProperties"), dict):
+            missing += _undescribed(sub["additionalProperties"], where + "{}")
+    return missing
+
+
+def test_every_field_is_described_for_kubectl_explain():
+    schema = crd_manifest()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    assert _undescribed(schema) == []
+
+
+def test_conditions_are_a_map_and_times_are_date_time():
+    status = openapi_schema(MailSelfcheckStatus)["properties"]
+    assert status["conditions"]["x-kubernetes-list-type"] == "map"
+    assert status["conditions"]["x-kubernetes-list-map-keys"] == ["type"]
+    for name in ("lastScheduleTime", "lastCompletionTime", "lastSuccessTime"):
+        assert status[name]["format"] == "date-time", name
+    assert status["conditions"]["items"]["properties"]["lastTransitionTime"]["format"] == "date-time"
+    resources = openapi_schema(MailSelfcheckSpec)["properties"]["job"]["properties"]["resources"]
+    assert "{requests: {cpu: 100m, memory: 64Mi}" in resources["description"]

@@ -65,3 +65,17 @@ def test_pending_condition_only_before_any():
 def test_ready_condition_keeps_other_types():
     conds = ready_condition([{"type": "Other", "status": "True"}], ok=True, reason="R", message="m", generation=1, now=T0)
     assert [c["type"] for c in conds] == ["Other", "Ready"]
+
+
+def test_suspend_and_resume_set_ready_unknown_once():
+    from mail_selfcheck.controller.status import SUSPENDED, suspended_patch
+
+    now = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
+    ok = {"conditions": [{"type": "Ready", "status": "True", "reason": "CheckSucceeded", "lastTransitionTime": "x"}]}
+    patch = suspended_patch(ok, suspended=True, generation=3, now=now)
+    (cond,) = patch["status"]["conditions"]
+    assert (cond["status"], cond["reason"], cond["observedGeneration"]) == ("Unknown", SUSPENDED, 3)
+    assert suspended_patch(patch["status"], suspended=True, generation=3, now=now) is None, "only on a change"
+    resumed = suspended_patch(patch["status"], suspended=False, generation=4, now=now)
+    assert resumed["status"]["conditions"][0]["reason"] == "Pending"
+    assert suspended_patch(ok, suspended=False, generation=1, now=now) is None

@@ -48,6 +48,10 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
     # Only explicit kopf.event() calls (transitions) become Kubernetes Events, not log lines.
     settings.posting.level = logging.CRITICAL
     settings.watching.server_timeout = 300
+    # Never give up on an API request (kopf's default gives up after 8 retries, ~54 s, and the
+    # operator exits): a watched namespace re-created without its Role answers 403 until
+    # `helm upgrade` restores it; the other namespaces must go on meanwhile.
+    settings.networking.error_backoffs = RetryForever()
     # Events name their author: `kubectl describe` shows "From: mail-selfcheck-operator".
     settings.posting.reporting_component = REPORTING_COMPONENT
     settings.posting.reporting_instance = os.environ.get("POD_NAME") or socket.gethostname()
@@ -62,6 +66,22 @@ async def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: lo
         metrics_mod.serve(memo["metrics_port"])
         logger.info("metrics on :%d/metrics", memo["metrics_port"])
     memo["shared"] = Shared(api_client=api_client(pool_size=API_POOL), metrics=metrics)
+
+
+class RetryForever:
+    """kopf's default back-off sequence (seconds), then every :attr:`STEADY` seconds, forever.
+
+    An iterable, not an iterator: kopf iterates it afresh for every request. Not ``Sized``, so
+    kopf logs attempts as ``#n`` without a total.
+    """
+
+    FIRST = (1, 1, 2, 3, 5, 8, 13, 21)
+    STEADY = 30
+
+    def __iter__(self) -> Any:
+        yield from self.FIRST
+        while True:
+            yield self.STEADY
 
 
 @kopf.on.cleanup()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import json
 import math
 import os
@@ -38,7 +39,7 @@ from ..models.spec import API_VERSION, GROUP, KIND, MailSelfcheckSpec
 from .schedule import format_time
 
 #: Default probe image; the operator's deployment sets ``MAIL_SELFCHECK_PROBE_IMAGE``.
-DEFAULT_IMAGE = os.environ.get("MAIL_SELFCHECK_PROBE_IMAGE", "ghcr.io/mail-selfcheck/mail-selfcheck:0.1.0")
+DEFAULT_IMAGE = os.environ.get("MAIL_SELFCHECK_PROBE_IMAGE", "ghcr.io/mail-selfcheck/mail-selfcheck:0.2.0")
 TERMINATION_LOG = "/dev/termination-log"
 DEFAULT_COMMAND = ["mail-selfcheck", "run", "--json", "--result-file", TERMINATION_LOG]
 CONTAINER = "probe"
@@ -139,6 +140,17 @@ def probe_env(spec: MailSelfcheckSpec) -> list[dict[str, Any]]:
     return env
 
 
+def instance_label(resource_name: str) -> str:
+    """The ``app.kubernetes.io/instance`` label value naming the MailSelfcheck of a Job and its pod:
+    the resource name, or for names above 63 characters (a label value's limit) its first 54
+    characters, ``-`` and 8 hex digits of its SHA-256, so ``kubectl get jobs -l
+    app.kubernetes.io/instance=<name>`` selects a resource's Jobs."""
+    if len(resource_name) <= 63:
+        return resource_name
+    digest = hashlib.sha256(resource_name.encode()).hexdigest()[:8]
+    return f"{resource_name[:54].rstrip('-.')}-{digest}"
+
+
 def job_manifest(
     *, name: str, namespace: str, owner_name: str, owner_uid: str, spec: MailSelfcheckSpec, slot: dt.datetime
 ) -> dict[str, Any]:
@@ -149,6 +161,7 @@ def job_manifest(
     job = spec.job
     labels = {
         "app.kubernetes.io/name": "mail-selfcheck",
+        "app.kubernetes.io/instance": instance_label(owner_name),
         "app.kubernetes.io/component": "probe",
         LABEL_MANAGED_BY: MANAGED_BY,
         LABEL_OWNER_UID: owner_uid,

@@ -5,12 +5,22 @@ Series (times in seconds, timestamps in Unix seconds):
 * ``mail_selfcheck_success``: 1 when the last check succeeded, 0 when it failed (a failed
   send sets it to 0 too);
 * ``mail_selfcheck_last_send_time_seconds`` / ``mail_selfcheck_last_reception_time_seconds``:
-  the last measured value (a check that failed before measuring leaves them unchanged);
+  the value measured by the last check; absent when the last check did not measure it (a
+  failed check never leaves a healthy-looking delivery time behind); restored from status
+  after an operator restart;
 * ``mail_selfcheck_send_time_seconds`` / ``mail_selfcheck_reception_time_seconds``:
-  histograms, buckets from 0.1 s to 10 min (:data:`BUCKETS`);
+  histograms, buckets from 5 ms to 10 min (:data:`BUCKETS`; a local delivery takes 3-25 ms);
 * ``mail_selfcheck_checks_total{outcome="success"|"failure", error_class}``;
-* ``mail_selfcheck_last_success_timestamp_seconds``;
-* ``mail_selfcheck_consecutive_failures``.
+* ``mail_selfcheck_last_success_timestamp_seconds``; ``mail_selfcheck_creation_timestamp_seconds``
+  (the resource's ``metadata.creationTimestamp``: "no success since" for a check that never
+  succeeded);
+* ``mail_selfcheck_consecutive_failures``; ``mail_selfcheck_interval_seconds``;
+  ``mail_selfcheck_suspended`` (1 while ``spec.suspend``: the alerts leave it alone).
+
+Operator self-metrics (no resource labels): ``mail_selfcheck_build_info{version}``,
+``mail_selfcheck_operator_jobs_launched_total``, ``mail_selfcheck_operator_reconcile_errors_total``
+(API errors the loops retried), ``mail_selfcheck_operator_skipped_slots_total`` (slots missed
+while a check ran long or the operator was down: only the latest one runs).
 
 :meth:`Metrics.forget` removes every series of a deleted resource. Exposition:
 https://prometheus.io/docs/instrumenting/exposition_formats/.
@@ -28,11 +38,13 @@ from prometheus_client import (
     start_http_server,
 )
 
+from .. import __version__
+
 # No ``*_created`` series: they double the exposition and no dashboard or alert reads them.
 disable_created_metrics()
 
-#: Histogram buckets (seconds): sub-second submission up to slow, greylisted delivery.
-BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
+#: Histogram buckets (seconds): a 3 ms local delivery up to slow, greylisted delivery.
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 
 _LABELS = ("namespace", "name")
 
@@ -77,31 +89,69 @@ class Metrics:
             "mail_selfcheck_interval_seconds", "Configured seconds between checks (spec.interval).", _LABELS,
             registry=registry,
         )
+        self.suspended = Gauge(
+            "mail_selfcheck_suspended", "1 while the MailSelfcheck is suspended (spec.suspend), else 0.", _LABELS,
+            registry=registry,
+        )
+        self.created = Gauge(
+            "mail_selfcheck_creation_timestamp_seconds", "Unix time the MailSelfcheck was created.", _LABELS,
+            registry=registry,
+        )
+        self.build_info = Gauge(
+            "mail_selfcheck_build_info", "Version of the running operator (always 1).", ("version",), registry=registry
+        )
+        self.build_info.labels(__version__).set(1)
+        self.jobs_launched = Counter(
+            "mail_selfcheck_operator_jobs_launched", "Probe Jobs created by the operator.", registry=registry
+        )
+        self.reconcile_errors = Counter(
+            "mail_selfcheck_operator_reconcile_errors", "Reconcile passes that failed on an API error and were retried.",
+            registry=registry,
+        )
+        self.skipped_slots = Counter(
+            "mail_selfcheck_operator_skipped_slots", "Scheduled slots not run (missed while a check or the operator "
+            "was busy or down; only the latest missed slot runs).", registry=registry,
+        )
         self._outcomes: dict[tuple[str, str], set[tuple[str, str]]] = {}
 
-    def set_interval(self, namespace: str, name: str, seconds: float) -> None:
-        """Publish the resource's ``spec.interval`` (seconds), for alerts relative to it."""
-        self.interval.labels(namespace, name).set(seconds)
+    def set_resource(self, namespace: str, name: str, *, interval: float, suspended: bool, created: float) -> None:
+        """Publish the resource's ``spec.interval`` (seconds), ``spec.suspend`` and creation time (Unix seconds)."""
+        self.interval.labels(namespace, name).set(interval)
+        self.suspended.labels(namespace, name).set(1 if suspended else 0)
+        self.created.labels(namespace, name).set(created)
 
     def restore(self, namespace: str, name: str, *, success: bool | None, consecutive_failures: int,
-                last_success: float | None) -> None:
+                last_success: float | None, send_time: float | None = None,
+                reception_time: float | None = None) -> None:
         """Re-publish the gauges from a resource's persisted status (after an operator restart)."""
         if success is not None:
             self.success.labels(namespace, name).set(1 if success else 0)
         self.consecutive_failures.labels(namespace, name).set(consecutive_failures)
         if last_success is not None:
             self.last_success.labels(namespace, name).set(last_success)
+        self._set_or_clear(self.last_send, namespace, name, send_time)
+        self._set_or_clear(self.last_reception, namespace, name, reception_time)
+
+    @staticmethod
+    def _set_or_clear(gauge: Gauge, namespace: str, name: str, value: float | None) -> None:
+        if value is None:
+            try:
+                gauge.remove(namespace, name)
+            except KeyError:
+                pass
+        else:
+            gauge.labels(namespace, name).set(value)
 
     def observe(self, namespace: str, name: str, *, success: bool, error_class: str | None,
                 send_time: float | None, reception_time: float | None, consecutive_failures: int,
                 timestamp: float) -> None:
         """Record one finished check (times in seconds, ``timestamp`` Unix seconds)."""
         self.success.labels(namespace, name).set(1 if success else 0)
+        self._set_or_clear(self.last_send, namespace, name, send_time)
+        self._set_or_clear(self.last_reception, namespace, name, reception_time)
         if send_time is not None:
-            self.last_send.labels(namespace, name).set(send_time)
             self.send.labels(namespace, name).observe(send_time)
         if reception_time is not None:
-            self.last_reception.labels(namespace, name).set(reception_time)
             self.reception.labels(namespace, name).observe(reception_time)
         outcome = ("success", "") if success else ("failure", error_class or "unknown")
         self.checks.labels(namespace, name, *outcome).inc()
@@ -113,7 +163,7 @@ class Metrics:
     def forget(self, namespace: str, name: str) -> None:
         """Remove every series of the resource ``namespace/name``."""
         for metric in (self.success, self.last_send, self.last_reception, self.send, self.reception,
-                       self.last_success, self.consecutive_failures, self.interval):
+                       self.last_success, self.consecutive_failures, self.interval, self.suspended, self.created):
             try:
                 metric.remove(namespace, name)
             except KeyError:

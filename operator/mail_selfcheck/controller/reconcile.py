@@ -37,8 +37,8 @@ from .jobs import (
     outcome_from,
 )
 from .metrics import Metrics
-from .schedule import decide, format_time, job_name, parse_time
-from .status import harvest_patch, launched_patch, pending_condition, refused_patch
+from .schedule import decide, format_time, job_name, parse_time, skipped_slots
+from .status import harvest_patch, launched_patch, pending_condition, refused_patch, suspended_patch
 
 #: The finalizer round-1 operators put on every MailSelfcheck; removed on sight (the daemon
 #: needs none, see :func:`.handlers._daemon_without_finalizer`). Never added any more.
@@ -182,6 +182,7 @@ class Selfcheck:
                 except (client.ApiException, urllib3.exceptions.HTTPError, OSError) as exc:  # API hiccup: retry, keep the loop
                     if isinstance(exc, client.ApiException) and exc.status == 404 and not await self._exists():
                         break  # deleted while we were not watching
+                    self.shared.metrics.reconcile_errors.inc()
                     self.logger.warning("reconcile failed, retrying in %.0f s: %s", self._api_retry, _api_error(exc))
                     wake_at = self.shared.clock() + dt.timedelta(seconds=self._api_retry)
                     self._api_retry = min(2 * self._api_retry, MAX_IDLE)
@@ -220,6 +221,7 @@ class Selfcheck:
             self.namespace, self.name, success=st.get("success"),
             consecutive_failures=int(st.get("consecutiveFailures") or 0),
             last_success=last_success.timestamp() if last_success else None,
+            send_time=st.get("sendTime"), reception_time=st.get("receptionTime"),
         )  # fmt: skip
         patch = pending_condition(st, generation=self.body["metadata"].get("generation"), now=self.shared.clock())
         if patch:
@@ -287,21 +289,30 @@ class Selfcheck:
             errors = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_url=False))
             await self._refuse(self.body["metadata"].get("generation"), "InvalidSpec", f"invalid spec, not scheduling: {errors}")
             return None
-        self.shared.metrics.set_interval(self.namespace, self.name, spec.interval)
         meta = self.body["metadata"]
+        created = parse_time(meta["creationTimestamp"]) or now
+        self.shared.metrics.set_resource(
+            self.namespace, self.name, interval=spec.interval, suspended=spec.suspend, created=created.timestamp()
+        )
+        generation = meta.get("generation")
+        patch = suspended_patch(self.status, suspended=spec.suspend, generation=generation, now=now)
+        if patch:
+            await self._patch_status(patch)
         run_now = RUN_NOW_ANNOTATION in (meta.get("annotations") or {})
+        # The last check failed and the spec changed since: check the fix at once, not an interval later.
+        retry = self.status.get("success") is False and self.status.get("observedGeneration") not in (None, generation)
+        last_schedule = parse_time(self.status.get("lastScheduleTime"))
         decision = decide(
             now,
             interval=spec.interval,
-            last_schedule=parse_time(self.status.get("lastScheduleTime")),
-            created=parse_time(meta["creationTimestamp"]) or now,
+            last_schedule=last_schedule,
+            created=created,
             suspend=spec.suspend,
             active=False,
-            run_now=run_now,
+            run_now=run_now or (retry and not spec.suspend),
         )
         if not decision.launch:
             return decision.wake_at
-        generation = meta.get("generation")
         if self._refused is not None:
             refused_generation, _, retry_at, _ = self._refused
             if refused_generation == generation and now < retry_at:
@@ -315,6 +326,11 @@ class Selfcheck:
                 raise
             return await self._refuse(generation, REFUSED_STATUSES[exc.status], f"the API server refused the probe Job: {api_refusal(exc)}")
         self._refused = None
+        if last_schedule is not None and not run_now and not retry and not spec.suspend:
+            skipped = skipped_slots(last_schedule, decision.slot, spec.interval)
+            if skipped:
+                self.shared.metrics.skipped_slots.inc(skipped)
+                self.logger.info("%d slot(s) missed since %s: ran the latest only", skipped, format_time(last_schedule))
         self._next_job_poll = self.shared.clock() + dt.timedelta(seconds=ACTIVE_POLL)
         return self._next_job_poll
 
@@ -328,6 +344,7 @@ class Selfcheck:
         if self._jobs is not None:
             self._jobs[name] = _compact(job)
         if created:
+            self.shared.metrics.jobs_launched.inc()
             self.logger.info("launched Job %s for slot %s", name, format_time(slot))
         if not created and name == self.status.get("lastHarvestedJob"):
             await self._patch_status({"status": {"lastScheduleTime": format_time(slot)}})
@@ -347,6 +364,9 @@ class Selfcheck:
         delay = min(2 * previous[3], REFUSED_MAX) if same else REFUSED_BACKOFF
         retry_at = self.shared.clock() + dt.timedelta(seconds=delay)
         self._refused = (generation, reason, retry_at, delay)
+        ready = next((c for c in self.status.get("conditions") or [] if c.get("type") == "Ready"), {})
+        if not same and ready.get("reason") == reason and ready.get("observedGeneration") == generation:
+            same = True  # reported before an operator restart: status already says it, no second Event
         if same:
             self.logger.debug("Job still refused, next try in %.0f s", delay)
             return retry_at

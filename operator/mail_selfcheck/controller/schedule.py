@@ -74,6 +74,11 @@ def due_slot(
     return anchor + dt.timedelta(seconds=max(missed * interval, 0 if last_schedule is None else interval))
 
 
+def skipped_slots(last_schedule: dt.datetime, slot: dt.datetime, interval: float) -> int:
+    """Slots between the last launched one and ``slot`` that never ran (0 when ``slot`` is the next one)."""
+    return max(0, round((slot - last_schedule).total_seconds() / interval) - 1)
+
+
 def decide(
     now: dt.datetime,
     *,

@@ -170,6 +170,31 @@ def refused_patch(
     }
 
 
+#: ``Ready`` reason while ``spec.suspend`` is true (no check runs, so nothing is known).
+SUSPENDED = "Suspended"
+
+
+def suspended_patch(status: dict[str, Any], *, suspended: bool, generation: int | None, now: dt.datetime) -> dict[str, Any] | None:
+    """Patch of ``Ready`` for a change of ``spec.suspend`` (None when nothing changes).
+
+    Suspended: ``Ready=Unknown``, reason ``Suspended`` (like a paused Deployment's
+    ``Progressing=Unknown``): no check runs, so whether mail flows is unknown; the last
+    result stays in ``success`` and ``history``. Resumed: ``Ready=Unknown``, reason
+    ``Pending``, until the check that runs at once finishes.
+    """
+    ready = next((c for c in status.get("conditions") or [] if c.get("type") == READY), {})
+    if suspended == (ready.get("reason") == SUSPENDED):
+        return None
+    reason, message = (SUSPENDED, "suspended (spec.suspend): no check is scheduled") if suspended else (
+        "Pending", "resumed: a check runs now")
+    others = [c for c in status.get("conditions") or [] if c.get("type") != READY]
+    cond: dict[str, Any] = {"type": READY, "status": "Unknown", "lastTransitionTime": format_time(now),
+                            "reason": reason, "message": message}
+    if generation is not None:
+        cond["observedGeneration"] = generation
+    return {"status": {"conditions": others + [cond]}}
+
+
 def pending_condition(status: dict[str, Any], *, generation: int | None, now: dt.datetime) -> dict[str, Any] | None:
     """Patch setting ``Ready=Unknown`` before the first result (None once a condition exists)."""
     if status.get("conditions"):

@@ -207,7 +207,8 @@ class TlsSettings(_Model):
 
 
 class ResourceRequirements(_Model):
-    """Container compute resources (``core/v1 ResourceRequirements``), e.g. ``{cpu: 100m}``."""
+    """Compute resources of the probe container (``core/v1 ResourceRequirements``), e.g.
+    ``{requests: {cpu: 100m, memory: 64Mi}, limits: {memory: 128Mi}}``."""
 
     requests: dict[str, Quantity] | None = Field(
         None, max_length=MAX_MAP_ENTRIES, description="Requested amounts, e.g. {cpu: 50m, memory: 64Mi}."
@@ -233,11 +234,15 @@ class Toleration(_Model):
         }
     )
 
-    key: str | None = Field(None, max_length=317)
-    operator: Literal["Exists", "Equal"] | None = None
-    value: str | None = None
-    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = None
+    key: str | None = Field(None, max_length=317, description="Taint key to tolerate; empty with operator Exists: every taint.")
+    operator: Literal["Exists", "Equal"] | None = Field(None, description="Equal (default: key and value match) or Exists.")
+    value: str | None = Field(None, description="Taint value for operator Equal (none with Exists).")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        None, description="Taint effect to tolerate; empty: every effect."
+    )
+    toleration_seconds: int | None = Field(
+        None, description="NoExecute only: seconds the pod stays bound after the taint appears."
+    )
 
     @model_validator(mode="after")
     def _value_rules(self) -> "Toleration":
@@ -254,7 +259,9 @@ class JobSettings(_Model):
     image: str | None = Field(
         None, min_length=1, description="Probe image. Default: the operator's MAIL_SELFCHECK_PROBE_IMAGE."
     )
-    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = None
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] | None = Field(
+        None, description="Image pull policy of the probe container. Default: Kubernetes' (IfNotPresent unless :latest)."
+    )
     command: list[str] | None = Field(
         None,
         min_length=1,
@@ -265,7 +272,9 @@ class JobSettings(_Model):
     node_selector: dict[str, LabelValue] | None = Field(
         None, max_length=MAX_MAP_ENTRIES, description="Node labels the probe pod requires, e.g. {kubernetes.io/os: linux}."
     )
-    tolerations: list[Toleration] | None = Field(None, max_length=MAX_MAP_ENTRIES)
+    tolerations: list[Toleration] | None = Field(
+        None, max_length=MAX_MAP_ENTRIES, description="Tolerations of the probe pod (core/v1 Toleration list)."
+    )
     service_account_name: str | None = Field(
         None,
         max_length=253,
@@ -322,34 +331,38 @@ class MailSelfcheckSpec(_Model):
 class JobReference(_Model):
     """The Job running the current check."""
 
-    name: str
-    uid: str | None = None
-    schedule_time: str | None = Field(None, description="RFC 3339 time of the slot the Job runs for.")
+    name: str = Field(description="Name of the Job.")
+    uid: str | None = Field(None, description="metadata.uid of the Job.")
+    schedule_time: str | None = Field(None, description="RFC 3339 time of the slot the Job runs for.", json_schema_extra={"format": "date-time"})
 
 
 class HistoryEntry(_Model):
     """One finished check, newest first in ``status.history``."""
 
-    job: str
-    schedule_time: str | None = None
-    completion_time: str | None = None
-    success: bool
-    error: str | None = None
-    error_class: str | None = None
-    send_time: float | None = None
-    reception_time: float | None = None
+    job: str = Field(description="Name of the Job that ran the check.")
+    schedule_time: str | None = Field(None, description="Slot the check ran for (RFC 3339).", json_schema_extra={"format": "date-time"})
+    completion_time: str | None = Field(None, description="When its result was recorded (RFC 3339).", json_schema_extra={"format": "date-time"})
+    success: bool = Field(description="Whether the check succeeded.")
+    error: str | None = Field(None, description="What failed (see the README's troubleshooting table).")
+    error_class: str | None = Field(None, description="Machine-readable class of the failure, e.g. timeout, junk, job_config.")
+    send_time: float | None = Field(None, description="Seconds from SMTP connect to the final 250 reply.")
+    reception_time: float | None = Field(None, description="Seconds from the 250 reply to the message seen over IMAP.")
 
 
 class Condition(_Model):
     """``metav1.Condition`` (https://kubernetes.io/docs/reference/kubernetes-api/common-definitions/object-meta/ ,
     KEP-1623): ``Ready`` is True after a successful check, False after a failed one."""
 
-    type: str = Field(max_length=316)
-    status: Literal["True", "False", "Unknown"]
-    observed_generation: int | None = Field(None, ge=0)
-    last_transition_time: str
-    reason: str = Field(max_length=1024)
-    message: str = Field("", max_length=32768)
+    type: str = Field(max_length=316, description="Condition type: Ready.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    observed_generation: int | None = Field(None, ge=0, description="metadata.generation the condition was set for.")
+    last_transition_time: str = Field(description="When status last changed (RFC 3339).", json_schema_extra={"format": "date-time"})
+    reason: str = Field(
+        max_length=1024,
+        description="CamelCase reason: CheckSucceeded, CheckFailed, Pending, Suspended, InvalidJobSpec, JobForbidden, "
+        "JobNameConflict, InvalidSpec.",
+    )
+    message: str = Field("", max_length=32768, description="Human-readable detail (the error of a failed check).")
 
 
 class MailSelfcheckStatus(_Model):
@@ -359,20 +372,27 @@ class MailSelfcheckStatus(_Model):
     ``sendTime`` and ``receptionTime`` are seconds (float) of the last check.
     """
 
-    last_schedule_time: str | None = Field(None, description="Slot time of the last launched check.")
-    last_completion_time: str | None = Field(None, description="When the last check's result was recorded.")
-    last_success_time: str | None = None
+    last_schedule_time: str | None = Field(None, description="Slot time of the last launched check.", json_schema_extra={"format": "date-time"})
+    last_completion_time: str | None = Field(None, description="When the last check's result was recorded.", json_schema_extra={"format": "date-time"})
+    last_success_time: str | None = Field(None, description="When the last successful check was recorded.", json_schema_extra={"format": "date-time"})
     success: bool | None = Field(None, description="Whether the last finished check succeeded.")
     error: str | None = Field(None, description="Error of the last check, null on success.")
-    error_class: str | None = None
+    error_class: str | None = Field(None, description="Machine-readable class of the last error (a metric label too).")
     send_time: float | None = Field(None, description="Seconds from SMTP connect to the final 250 reply.")
     reception_time: float | None = Field(None, description="Seconds from the 250 reply to the message seen in IMAP.")
-    consecutive_failures: int = 0
+    consecutive_failures: int = Field(0, description="Failed checks since the last success.")
     active: JobReference | None = Field(None, description="The running Job, if any.")
     last_harvested_job: str | None = Field(None, description="Name of the last Job whose result was recorded.")
-    history: list[HistoryEntry] | None = Field(None, max_length=STATUS_HISTORY_LIMIT)
-    conditions: list[Condition] | None = None
-    observed_generation: int | None = None
+    history: list[HistoryEntry] | None = Field(
+        None, max_length=STATUS_HISTORY_LIMIT, description=f"The last {STATUS_HISTORY_LIMIT} finished checks, newest first."
+    )
+    conditions: list[Condition] | None = Field(
+        None,
+        description="Ready: True after a successful check, False after a failed one or a refused Job, Unknown before "
+        "the first result and while suspended.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    observed_generation: int | None = Field(None, description="metadata.generation of the spec the last check ran with.")
 
 
 # --------------------------------------------------------------------------------------
@@ -402,6 +422,8 @@ _KEEP = {
     "x-kubernetes-validations",
     "x-kubernetes-int-or-string",
     "x-kubernetes-preserve-unknown-fields",
+    "x-kubernetes-list-type",
+    "x-kubernetes-list-map-keys",
 }
 
 
@@ -472,6 +494,7 @@ def _printer_columns() -> list[dict[str, Any]]:
             "description": "Seconds until the message was seen over IMAP",
         },
         {"name": "Failures", "type": "integer", "jsonPath": ".status.consecutiveFailures"},
+        {"name": "Suspended", "type": "boolean", "jsonPath": ".spec.suspend", "description": "No check is scheduled"},
         {"name": "Last Check", "type": "date", "jsonPath": ".status.lastCompletionTime"},
         {"name": "Interval", "type": "integer", "jsonPath": ".spec.interval", "priority": 1},
         {"name": "Active", "type": "string", "jsonPath": ".status.active.name", "priority": 1},

@@ -1,0 +1,46 @@
+"""Operator metrics: no stale last values, restore after restart, suspended and creation series."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, generate_latest
+
+from mail_selfcheck import __version__
+from mail_selfcheck.controller.metrics import BUCKETS, Metrics
+
+
+def _text(metrics: Metrics) -> str:
+    return generate_latest(metrics.registry).decode()
+
+
+def test_a_failed_check_clears_the_last_delivery_times():
+    m = Metrics(CollectorRegistry())
+    m.observe("ns", "a", success=True, error_class=None, send_time=0.2, reception_time=1.5, consecutive_failures=0,
+              timestamp=10.0)
+    assert 'mail_selfcheck_last_reception_time_seconds{name="a",namespace="ns"} 1.5' in _text(m)
+    m.observe("ns", "a", success=False, error_class="timeout", send_time=0.3, reception_time=None,
+              consecutive_failures=1, timestamp=20.0)
+    text = _text(m)
+    assert "mail_selfcheck_last_reception_time_seconds{" not in text, "a stale healthy delivery time"
+    assert 'mail_selfcheck_last_send_time_seconds{name="a",namespace="ns"} 0.3' in text
+
+
+def test_restore_republishes_the_last_values():
+    m = Metrics(CollectorRegistry())
+    m.restore("ns", "a", success=True, consecutive_failures=0, last_success=5.0, send_time=0.1, reception_time=0.7)
+    text = _text(m)
+    assert 'mail_selfcheck_last_send_time_seconds{name="a",namespace="ns"} 0.1' in text
+    assert 'mail_selfcheck_last_reception_time_seconds{name="a",namespace="ns"} 0.7' in text
+
+
+def test_resource_series_and_self_metrics():
+    m = Metrics(CollectorRegistry())
+    m.set_resource("ns", "a", interval=600, suspended=True, created=1700000000.0)
+    m.jobs_launched.inc()
+    text = _text(m)
+    assert 'mail_selfcheck_suspended{name="a",namespace="ns"} 1.0' in text
+    assert 'mail_selfcheck_creation_timestamp_seconds{name="a",namespace="ns"} 1.7e+09' in text
+    assert f'mail_selfcheck_build_info{{version="{__version__}"}} 1.0' in text
+    assert "mail_selfcheck_operator_jobs_launched_total 1.0" in text
+    m.forget("ns", "a")
+    assert 'name="a"' not in _text(m)
+    assert BUCKETS[0] == 0.005
