@@ -261,10 +261,14 @@ def _finish(tmp_dest: Path, dest: Path, meta: dict) -> None:
     tmp_dest.rename(dest)
 
 
-def build_kubernetes(version: str = K8S_VERSION) -> Path:
-    """Build kube-apiserver, kube-controller-manager and kubectl; return their directory."""
-    dest = cache_root() / f"k8s-{version}"
-    if _is_built(dest, K8S_BINARIES):
+def build_kubernetes(version: str = K8S_VERSION, binaries: tuple[str, ...] = K8S_BINARIES,
+                     dest_name: str | None = None) -> Path:
+    """Build ``binaries`` (default kube-apiserver, kube-controller-manager and kubectl) of
+    ``k8s.io/kubernetes@version`` into ``$cache/<dest_name>`` (default ``k8s-<version>``);
+    return that directory. The node harness (:mod:`tests.harness.node`) builds the kubelet
+    and kube-scheduler with it."""
+    dest = cache_root() / (dest_name or f"k8s-{version}")
+    if _is_built(dest, binaries):
         return dest
     m = re.fullmatch(r"v1\.(\d+)\.(\d+)", version)
     if not m:
@@ -272,7 +276,7 @@ def build_kubernetes(version: str = K8S_VERSION) -> Path:
     minor = m.group(1)
     staging_version = f"v0.{m.group(1)}.{m.group(2)}"
     t0 = time.monotonic()
-    work = _fresh_workdir(f"k8s-{version}")
+    work = _fresh_workdir(dest_name or f"k8s-{version}")
     log = work / "build.log"
     (work / "go.mod").write_text("module mail-selfcheck.local/probe\n\ngo 1.21\n")
     info = _module_info("k8s.io/kubernetes", version, work, log)
@@ -285,7 +289,7 @@ def build_kubernetes(version: str = K8S_VERSION) -> Path:
              "module mail-selfcheck.local/k8s-build", ""]
     lines += _gomod_directive(upstream, "go") + _gomod_directive(upstream, "godebug") + [""]
     lines += [f"require k8s.io/kubernetes {version}", ""]
-    lines += ["tool ("] + [f"\tk8s.io/kubernetes/cmd/{b}" for b in K8S_BINARIES] + [")", ""]
+    lines += ["tool ("] + [f"\tk8s.io/kubernetes/cmd/{b}" for b in binaries] + [")", ""]
     lines += ["replace ("] + [f"\t{mod} => {mod} {staging_version}" for mod in mods] + [")", ""]
     (work / "go.mod").write_text("\n".join(lines))
     _run_go(["mod", "tidy"], work, log)
@@ -300,8 +304,9 @@ def build_kubernetes(version: str = K8S_VERSION) -> Path:
     out = work / "bin"
     out.mkdir()
     _run_go(["build", "-trimpath", "-ldflags", " ".join(["-s", "-w", *x]), "-o", str(out) + "/",
-             *[f"k8s.io/kubernetes/cmd/{b}" for b in K8S_BINARIES]], work, log)
+             *[f"k8s.io/kubernetes/cmd/{b}" for b in binaries]], work, log)
     _finish(out, dest, {"component": "kubernetes", "version": version,
+                        "binaries": list(binaries),
                         "staging_version": staging_version, "staging_modules": mods,
                         "gitCommit": commit, "buildDate": build_date,
                         "go": _run_go(["env", "GOVERSION"], work, log).strip(),
@@ -434,6 +439,7 @@ def make_pki(pki: Path) -> None:
 
     Files: ca.{crt,key}, apiserver.{crt,key} (SAN 127.0.0.1, localhost, kubernetes...),
     admin.{crt,key} (CN=kubernetes-admin, O=system:masters),
+    apiserver-kubelet-client.{crt,key} (O=system:masters; the API server towards kubelets),
     kube-controller-manager.{crt,key} (CN=system:kube-controller-manager),
     sa.{key,pub} (RSA 2048, signs service-account tokens).
     """
@@ -442,10 +448,16 @@ def make_pki(pki: Path) -> None:
     pki.mkdir(parents=True, exist_ok=True)
     _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key",
              "-out", "ca.crt", "-days", "30", "-subj", "/CN=mail-selfcheck-test-ca", cwd=pki)
-    sans = ("subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,"
-            "DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local")
+    # IP:10.96.0.1: the `kubernetes` Service (first address of --service-cluster-ip-range),
+    # the address pods of the real node (tests/harness/node.py) dial.
+    sans = ("subjectAltName=IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,"
+            "DNS:kubernetes.default,DNS:kubernetes.default.svc,"
+            "DNS:kubernetes.default.svc.cluster.local")
     certs = {"apiserver": ("/CN=kube-apiserver", sans, "serverAuth"),
              "admin": ("/O=system:masters/CN=kubernetes-admin", None, "clientAuth"),
+             # the API server's client certificate towards kubelets (logs, exec)
+             "apiserver-kubelet-client": ("/O=system:masters/CN=kube-apiserver-kubelet-client",
+                                          None, "clientAuth"),
              "kube-controller-manager": ("/CN=system:kube-controller-manager", None,
                                          "clientAuth")}
     for name, (subj, san, usage) in certs.items():
@@ -680,6 +692,8 @@ class ControlPlane:
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             "--service-cluster-ip-range=10.96.0.0/24",
             "--endpoint-reconciler-type=none", "--allow-privileged=true",
+            f"--kubelet-client-certificate={pki / 'apiserver-kubelet-client.crt'}",
+            f"--kubelet-client-key={pki / 'apiserver-kubelet-client.key'}",
             "--profiling=false", "--event-ttl=1h", "--v=0"])
         self.kubeconfig = write_kubeconfig(self.run_dir / "kubeconfig", self.server, pki,
                                            "admin")

@@ -1,0 +1,748 @@
+"""A real Kubernetes node for the test control plane: kubelet + containerd + runc + CNI (issue 11).
+
+:mod:`tests.harness.controlplane` runs etcd, kube-apiserver and kube-controller-manager on the
+host's loopback. This module adds what a real cluster has on top: **kube-scheduler** (on the
+host, like the other control-plane components) and a **node**: the upstream **kubelet**, the
+**containerd** CRI runtime with **runc**, and a **CNI bridge** network for pods. Pods are real
+containers made from images imported into containerd (nothing is pulled from any registry).
+
+Versions (why)
+    * kubelet **v1.35.4** (``NODE_K8S_VERSION``): the API server is v1.36.3 and a kubelet may
+      be up to three minors older (version skew policy); 1.35 is the last minor that supports
+      containerd 1.x, and Debian 12 ships containerd 1.6.20. It runs on this machine's cgroup
+      v1 hierarchy only with ``failCgroupV1: false``, which the generated config sets.
+    * kube-scheduler **v1.36.3** (the API server's version, as a control-plane component).
+    * containerd 1.6.20, runc 1.1.5, containernetworking-plugins 1.1.1: Debian 12's packages
+      (``hack/install-system-deps.sh``). containerd 1.6 serves the CRI v1 API the kubelet uses.
+    * No kube-proxy: the one Service that pods need, ``kubernetes`` (10.96.0.1:443), is an
+      address of the node's namespace where the forwarder listens (see Network); the other
+      Services of the tests are never dialled by pods.
+
+Network (no packet leaves the machine)
+    The node runs in a network namespace made by this module (``unshare --net=FILE``), with
+    only ``lo`` (addresses 10.200.0.1 = the node IP, 10.96.0.1 = the ``kubernetes`` Service)
+    and the CNI bridge ``msc0`` (10.244.0.1/24, pods in 10.244.0.0/24). There is no veth to
+    the host, no default route: ``ip route get 1.1.1.1`` there answers "Network is
+    unreachable". Traffic that must cross goes through :mod:`tests.harness.node_forward`, a
+    user-space TCP forwarder with one socket in each namespace:
+
+    * node ns ``127.0.0.1:APIPORT`` and ``10.96.0.1:443`` -> host API server (kubelet, pods);
+    * host ``127.0.0.1:KUBELETPORT`` -> node ns kubelet (``kubectl logs``/``exec``: the API
+      server dials the node's ``Hostname`` address, ``localhost``, which is also the node's name);
+    * :meth:`Node.expose` adds node ns ``10.200.0.1:PORT`` -> host ``127.0.0.1:PORT`` (the
+      mail stack).
+
+Mounts and sysctls
+    containerd and the kubelet share a private mount namespace (``unshare --mount=FILE``):
+    overlay rootfs, tmpfs volumes and pod netns files are invisible on the host and vanish
+    with it. The kubelet runs with ``protectKernelDefaults: true`` and, in that namespace
+    only, read-only bind mounts over ``/proc/sys/{vm,kernel}/...`` holding the values it
+    expects, so it never writes the host's global sysctls (``kernel.panic``, overcommit...).
+    Pod cgroups live under ``/<cgroupRoot>=/mail-selfcheck-node-<id>`` of each cgroup v1
+    hierarchy, removed at stop.
+
+Build (``python -m tests.harness.node build``, ``hack/build-node.sh``): kubelet and
+kube-scheduler from the ``k8s.io/kubernetes`` wrapper module (:func:`controlplane.build_kubernetes`),
+a static ``pause`` binary (Go) and its image, the app image (``hack/build-image.sh``), and
+``docker-archive`` exports of both images, all cached in ``$MAIL_SELFCHECK_CACHE``
+(``~/.cache/mail-selfcheck``): ``k8s-node-v1.35.4/``, ``k8s-scheduler-v1.36.3/``,
+``pause-1/``, ``node-images/<name>-<image id>.tar``. Idempotent; a second call builds nothing.
+
+Run: ``Node(cp, run_dir).start()`` / ``.stop()`` (or ``with``); logs in ``run_dir``:
+``containerd.log``, ``kubelet.log``, ``kube-scheduler.log``, ``forward*.log``. A start failure
+raises :class:`NodeError` with the tails of every component's log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.harness import controlplane as cpmod
+from tests.harness.controlplane import (
+    K8S_VERSION, ControlPlane, _build_lock, _is_built, _log as _cp_log, _run_go,
+    _set_pdeathsig, build_kubernetes, cache_root, free_port, terminate,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+NODE_K8S_VERSION = os.environ.get("MAIL_SELFCHECK_NODE_K8S_VERSION", "v1.35.4")
+SCHEDULER_VERSION = K8S_VERSION
+PAUSE_VERSION = "1"
+PAUSE_IMAGE = f"localhost/mail-selfcheck-pause:{PAUSE_VERSION}"
+APP_IMAGE = os.environ.get("MAIL_SELFCHECK_NODE_IMAGE", "localhost/mail-selfcheck:dev")
+NODE_NAME = "localhost"
+NODE_IP = "10.200.0.1"
+SERVICE_IP = "10.96.0.1"  # first address of controlplane's --service-cluster-ip-range
+POD_SUBNET = "10.244.0.0/24"
+BRIDGE = "msc0"
+BUILD_IMAGE = REPO / "hack" / "build-image.sh"
+CNI_BIN_DIR = Path(os.environ.get("MAIL_SELFCHECK_CNI_BIN_DIR", "/usr/lib/cni"))
+SYSTEM_TOOLS = ("containerd", "containerd-shim-runc-v2", "ctr", "runc", "unshare", "nsenter",
+                "ip", "mount", "umount", "openssl", "buildah")
+CNI_PLUGINS = ("bridge", "host-local", "loopback")
+#: What the kubelet's ``setupKernelTunables`` expects; shown to it by bind mounts (see above).
+KERNEL_TUNABLES = {"vm/overcommit_memory": "1", "vm/panic_on_oom": "0", "kernel/panic": "10",
+                   "kernel/panic_on_oops": "1", "kernel/keys/root_maxkeys": "1000000",
+                   "kernel/keys/root_maxbytes": "25000000"}
+
+
+class NodeError(RuntimeError):
+    """The node could not be built or started (message carries the component logs)."""
+
+
+def _log(msg: str) -> None:
+    print(f"[node] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- build
+_PAUSE_MAIN = """\
+// Generated by tests/harness/node.py: the pod sandbox's process (what registry.k8s.io/pause
+// does): hold the pod's namespaces, reap zombies, exit 0 on SIGINT/SIGTERM.
+package main
+
+import (
+\t"os"
+\t"os/signal"
+\t"syscall"
+)
+
+func main() {
+\tsigs := make(chan os.Signal, 8)
+\tsignal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM, syscall.SIGCHLD)
+\tfor s := range sigs {
+\t\tif s != syscall.SIGCHLD {
+\t\t\tos.Exit(0)
+\t\t}
+\t\tfor {
+\t\t\tvar ws syscall.WaitStatus
+\t\t\tif pid, err := syscall.Wait4(-1, &ws, syscall.WNOHANG, nil); pid <= 0 || err != nil {
+\t\t\t\tbreak
+\t\t\t}
+\t\t}
+\t}
+}
+"""
+
+
+def build_pause() -> Path:
+    dest = cache_root() / f"pause-{PAUSE_VERSION}"
+    if _is_built(dest, ("pause",)):
+        return dest
+    work = cpmod._fresh_workdir(f"pause-{PAUSE_VERSION}")
+    log = work / "build.log"
+    (work / "go.mod").write_text("module mail-selfcheck.local/pause\n\ngo 1.21\n")
+    (work / "main.go").write_text(_PAUSE_MAIN)
+    out = work / "bin"
+    out.mkdir()
+    _run_go(["build", "-trimpath", "-ldflags", "-s -w", "-o", str(out / "pause"), "."], work, log)
+    cpmod._finish(out, dest, {"component": "pause", "version": PAUSE_VERSION})
+    shutil.rmtree(work, ignore_errors=True)
+    return dest
+
+
+def _buildah(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["bash", str(BUILD_IMAGE), "buildah", *args], capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise NodeError(f"buildah {' '.join(args)} failed ({proc.returncode}):\n"
+                        f"{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def _image_id(name: str) -> str | None:
+    proc = _buildah("inspect", "--type", "image", "--format", "{{.FromImageID}}", name,
+                    check=False)
+    return proc.stdout.strip() or None if proc.returncode == 0 else None
+
+
+def build_pause_image() -> None:
+    if _image_id(PAUSE_IMAGE):
+        return
+    binary = build_pause() / "pause"
+    ctr = _buildah("from", "scratch").stdout.strip()
+    try:
+        _buildah("copy", "--chmod", "0755", ctr, str(binary), "/pause")
+        _buildah("config", "--entrypoint", '["/pause"]', "--cmd", "", "--user", "65535:65535",
+                 "--label", "org.opencontainers.image.description=mail-selfcheck test pause",
+                 ctr)
+        _buildah("commit", "--rm", "--format", "oci", ctr, PAUSE_IMAGE)
+    except BaseException:
+        _buildah("rm", ctr, check=False)
+        raise
+
+
+def build_app_image() -> None:
+    """``hack/build-image.sh`` (warm: a few seconds; it reuses every cached layer)."""
+    t0 = time.monotonic()
+    proc = subprocess.run(["bash", str(BUILD_IMAGE)], capture_output=True, text=True,
+                          timeout=1800, env={**os.environ, "IMAGE": APP_IMAGE})
+    if proc.returncode != 0:
+        raise NodeError(f"hack/build-image.sh failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    _log(f"image {APP_IMAGE} built in {time.monotonic() - t0:.0f}s")
+
+
+def image_archive(name: str) -> Path:
+    """A ``docker-archive`` of the buildah image ``name`` (cached by image id)."""
+    image_id = _image_id(name)
+    if not image_id:
+        raise NodeError(f"image {name} is not in the buildah storage (run the node build)")
+    d = cache_root() / "node-images"
+    d.mkdir(parents=True, exist_ok=True)
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+    path = d / f"{stem}-{image_id[:12]}.tar"
+    if path.is_file():
+        return path
+    for old in d.glob(f"{stem}-*.tar"):
+        old.unlink()
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    _buildah("push", "--quiet", name, f"docker-archive:{tmp}:{name}")
+    tmp.rename(path)
+    return path
+
+
+def check_system() -> None:
+    missing = [t for t in SYSTEM_TOOLS if shutil.which(t) is None]
+    missing += [f"{CNI_BIN_DIR}/{p}" for p in CNI_PLUGINS if not (CNI_BIN_DIR / p).exists()]
+    if missing:
+        raise NodeError(f"missing on this machine: {', '.join(missing)} "
+                        "(run hack/install-system-deps.sh)")
+    if os.geteuid() != 0:
+        raise NodeError("the node must run as root")
+
+
+@dataclass(frozen=True)
+class NodeBinaries:
+    kubelet: Path
+    kube_scheduler: Path
+    images: tuple[Path, ...]
+
+
+def build_node(images: bool = True) -> NodeBinaries:
+    """Build (or find) everything the node needs. Raises :class:`NodeError`/``BuildError``."""
+    check_system()
+    t0 = time.monotonic()
+    with _build_lock():
+        kubelet = build_kubernetes(NODE_K8S_VERSION, ("kubelet",), f"k8s-node-{NODE_K8S_VERSION}")
+        sched = build_kubernetes(SCHEDULER_VERSION, ("kube-scheduler",),
+                                 f"k8s-scheduler-{SCHEDULER_VERSION}")
+        build_pause()
+    archives: tuple[Path, ...] = ()
+    if images:
+        build_pause_image()
+        build_app_image()
+        archives = (image_archive(PAUSE_IMAGE), image_archive(APP_IMAGE))
+    _log(f"node build ready in {time.monotonic() - t0:.0f}s")
+    return NodeBinaries(kubelet / "kubelet", sched / "kube-scheduler", archives)
+
+
+def find_node_binaries() -> NodeBinaries | None:
+    """The cached kubelet and kube-scheduler (images not checked), or ``None``."""
+    root = cache_root()
+    k, s = root / f"k8s-node-{NODE_K8S_VERSION}", root / f"k8s-scheduler-{SCHEDULER_VERSION}"
+    if not (_is_built(k, ("kubelet",)) and _is_built(s, ("kube-scheduler",))):
+        return None
+    return NodeBinaries(k / "kubelet", s / "kube-scheduler", ())
+
+
+# --------------------------------------------------------------------------- run
+def _ns_inode(path: str | Path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
+def _pids_in_ns(kind: str, inode: int) -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            with contextlib.suppress(OSError):
+                if os.stat(f"/proc/{entry}/ns/{kind}").st_ino == inode:
+                    pids.append(int(entry))
+    return pids
+
+
+def _v1_hierarchies() -> list[Path]:
+    out = []
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        parts = line.split()
+        if len(parts) > 2 and parts[2] == "cgroup" and parts[1].startswith("/sys/fs/cgroup/"):
+            out.append(Path(parts[1]))
+    return out
+
+
+@dataclass
+class Node:
+    """kube-scheduler + kubelet + containerd in their own network and mount namespaces.
+
+    ``cp`` must be started (its ``run_dir/pki`` holds the CA used here). After
+    :meth:`start`: ``name`` (the Node's name), ``ip`` (its InternalIP, in the node ns),
+    ``netns`` (path of the network namespace file: ``nsenter --net=PATH``).
+    """
+
+    cp: ControlPlane
+    run_dir: Path
+    binaries: NodeBinaries | None = None
+    start_timeout: float = 180.0
+    name: str = NODE_NAME
+    ip: str = NODE_IP
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    started_at: float = 0.0
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.id = uuid.uuid4().hex[:8]
+        self.run_dir = Path(self.run_dir)
+        self.ns_dir = self.run_dir / "ns"
+        self.netns = self.ns_dir / "net"
+        self.mntns = self.ns_dir / "mnt"
+        self.cgroup_root = f"/mail-selfcheck-node-{self.id}"
+        self.cd_dir = self.run_dir / "containerd"
+        self.cd_sock = self.cd_dir / "containerd.sock"
+        self.kubelet_port = free_port()
+        self._forwarders = 0
+        self._net_inode: int | None = None
+        self._mnt_inode: int | None = None
+
+    # ----------------------------------------------------------------- helpers
+    def _logpath(self, name: str) -> Path:
+        return self.run_dir / f"{name}.log"
+
+    def _tail(self, name: str, lines: int = 40) -> str:
+        try:
+            return "\n".join(self._logpath(name).read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def logs(self, lines: int = 40) -> str:
+        names = ["containerd", "kubelet", "kube-scheduler", "forward"] + [
+            f"forward-{i}" for i in range(1, self._forwarders + 1)]
+        return "\n".join(f"--- {n}.log (tail) ---\n{self._tail(n, lines)}" for n in names
+                         if self._logpath(n).exists())
+
+    def _run(self, argv: list[str], what: str, ns: bool = False, mnt: bool = False,
+             check: bool = True, timeout: float = 120, input: str | None = None
+             ) -> subprocess.CompletedProcess:
+        prefix = []
+        if ns or mnt:
+            prefix = ["nsenter"] + ([f"--net={self.netns}"] if ns else []) + (
+                [f"--mount={self.mntns}"] if mnt else []) + ["--"]
+        proc = subprocess.run(prefix + argv, capture_output=True, text=True, timeout=timeout,
+                              input=input)
+        if check and proc.returncode != 0:
+            raise NodeError(f"{what}: {' '.join(prefix + argv)} exited {proc.returncode}: "
+                            f"{proc.stderr.strip()[-2000:]} {proc.stdout.strip()[-1000:]}")
+        return proc
+
+    def in_netns(self, *argv: str, check: bool = True, timeout: float = 60
+                 ) -> subprocess.CompletedProcess:
+        """Run a command in the node's network namespace (host mounts)."""
+        return self._run(list(argv), "command in the node netns", ns=True, check=check,
+                         timeout=timeout)
+
+    def _spawn(self, name: str, argv: list[str], ns: bool = False, mnt: bool = False,
+               env: dict[str, str] | None = None) -> subprocess.Popen:
+        prefix = []
+        if ns or mnt:
+            prefix = ["nsenter"] + ([f"--net={self.netns}"] if ns else []) + (
+                [f"--mount={self.mntns}"] if mnt else []) + ["--"]
+        logf = open(self._logpath(name), "ab")
+        proc = subprocess.Popen(prefix + argv, stdin=subprocess.DEVNULL, stdout=logf,
+                                stderr=subprocess.STDOUT, cwd=self.run_dir, env=env,
+                                start_new_session=True, preexec_fn=_set_pdeathsig)
+        logf.close()
+        self.procs[name] = proc
+        return proc
+
+    def _check_alive(self) -> None:
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise NodeError(f"{name} exited with {proc.returncode} during start-up:\n"
+                                f"{self.logs()}")
+
+    def _wait(self, what: str, predicate, timeout: float | None = None) -> None:
+        end = time.monotonic() + (timeout or self.start_timeout)
+        last = ""
+        while time.monotonic() < end:
+            self._check_alive()
+            ok, last = predicate()
+            if ok:
+                return
+            time.sleep(0.3)
+        raise NodeError(f"timed out after {timeout or self.start_timeout:.0f}s waiting for "
+                        f"{what}; last: {last}\n{self.logs()}")
+
+    def _openssl(self, *args: str, cwd: Path) -> None:
+        cpmod._openssl(*args, cwd=cwd)
+
+    def _client_cert(self, name: str, subj: str) -> None:
+        pki = self.run_dir / "pki"
+        ca = self.cp.run_dir / "pki"
+        self._openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key",
+                      "-out", f"{name}.csr", "-subj", subj, cwd=pki)
+        (pki / f"{name}.ext").write_text("basicConstraints=CA:FALSE\n"
+                                         "keyUsage=digitalSignature,keyEncipherment\n"
+                                         "extendedKeyUsage=clientAuth\n")
+        self._openssl("x509", "-req", "-in", f"{name}.csr", "-CA", str(ca / "ca.crt"),
+                      "-CAkey", str(ca / "ca.key"), "-CAcreateserial", "-out", f"{name}.crt",
+                      "-days", "30", "-extfile", f"{name}.ext", cwd=pki)
+        (pki / f"{name}.key").chmod(0o600)
+
+    def _kubeconfig(self, name: str) -> Path:
+        pki = self.run_dir / "pki"
+        cfg = {"apiVersion": "v1", "kind": "Config",
+               "clusters": [{"name": "local", "cluster": {
+                   "server": self.cp.server,
+                   "certificate-authority": str(self.cp.run_dir / "pki" / "ca.crt")}}],
+               "users": [{"name": name, "user": {"client-certificate": str(pki / f"{name}.crt"),
+                                                 "client-key": str(pki / f"{name}.key")}}],
+               "contexts": [{"name": "local", "context": {"cluster": "local", "user": name}}],
+               "current-context": "local"}
+        path = self.run_dir / f"{name}.kubeconfig"
+        path.write_text(json.dumps(cfg, indent=2) + "\n")
+        path.chmod(0o600)
+        return path
+
+    # ----------------------------------------------------------------- start
+    def start(self) -> "Node":
+        self.started_at = time.monotonic()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._start()
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.stop()
+            raise
+        _log(f"node {self.name} Ready in {time.monotonic() - self.started_at:.1f}s "
+             f"(run dir {self.run_dir}; {self.timings})")
+        return self
+
+    def _mark(self, what: str, t0: float) -> None:
+        self.timings[what] = round(time.monotonic() - t0, 1)
+
+    def _start(self) -> None:
+        check_system()
+        if self.binaries is None:
+            self.binaries = find_node_binaries()
+            if self.binaries is None:
+                raise NodeError("node binaries are not built: run `python -m tests.harness.node "
+                                "build` (hack/build-node.sh)")
+        if not self.binaries.images:
+            raise NodeError("no image archives given (Node(binaries=build_node()))")
+        t0 = time.monotonic()
+        self._namespaces()
+        self._certs_and_rbac()
+        self._forwarder()
+        self._cgroups()
+        self._containerd()
+        self._mark("namespaces+containerd", t0)
+        t1 = time.monotonic()
+        self._import_images()
+        self._mark("image import", t1)
+        t2 = time.monotonic()
+        self._kubelet()
+        self._scheduler()
+        self._mark("kubelet+scheduler to Ready", t2)
+
+    def _namespaces(self) -> None:
+        self.ns_dir.mkdir(parents=True, exist_ok=True)
+        for f in (self.netns, self.mntns):
+            f.touch()
+        # Persistent namespaces: bind mounts of their nsfs files (released in stop()).
+        self._run(["unshare", f"--net={self.netns}", f"--mount={self.mntns}",
+                   "--propagation", "private", "true"], "create the node namespaces")
+        self._net_inode, self._mnt_inode = _ns_inode(self.netns), _ns_inode(self.mntns)
+        ip = ["ip"]
+        self._run(ip + ["link", "set", "lo", "up"], "lo up", ns=True)
+        for addr in (self.ip, SERVICE_IP):
+            self._run(ip + ["addr", "add", f"{addr}/32", "dev", "lo"], f"address {addr}", ns=True)
+        # The kubelet's expected kernel tunables, shown only in the node's mount namespace.
+        sysctl_dir = self.run_dir / "sysctl"
+        sysctl_dir.mkdir(exist_ok=True)
+        for key, value in KERNEL_TUNABLES.items():
+            fake = sysctl_dir / key.replace("/", "_")
+            fake.write_text(value + "\n")
+            self._run(["mount", "--bind", "-o", "ro", str(fake), f"/proc/sys/{key}"],
+                      f"bind {key}", mnt=True)
+        # The CNI bridge, pod netns files etc. go under the run dir; host-local IPAM state too.
+        (self.run_dir / "resolv.conf").write_text(
+            "# no DNS in the node: lookups fail at once (pods use IP addresses)\n"
+            "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
+
+    def _certs_and_rbac(self) -> None:
+        pki = self.run_dir / "pki"
+        pki.mkdir(exist_ok=True)
+        self._client_cert("kubelet", f"/O=system:nodes/CN=system:node:{self.name}")
+        self._client_cert("kube-scheduler", "/CN=system:kube-scheduler")
+        self.kubelet_kubeconfig = self._kubeconfig("kubelet")
+        self.scheduler_kubeconfig = self._kubeconfig("kube-scheduler")
+        # --authorization-mode=RBAC (no Node authorizer): bind the kubelet's group to the
+        # built-in system:node role, as clusters without the Node authorizer do.
+        self.cp.kubectl("apply", "-f", "-", input=json.dumps({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+            "metadata": {"name": "mail-selfcheck:nodes"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                        "name": "system:node"},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group",
+                          "name": "system:nodes"}]}))
+
+    def _api_port(self) -> int:
+        return int(self.cp.server.rsplit(":", 1)[1])
+
+    def _forward(self, name: str, maps: list[str]) -> None:
+        ready = self.run_dir / f"{name}.ready"
+        ready.unlink(missing_ok=True)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+        self._spawn(name, [sys.executable, "-m", "tests.harness.node_forward",
+                           f"--netns={self.netns}", f"--ready={ready}",
+                           *[f"--map={m}" for m in maps]], env=env)
+        self._wait(f"the forwarder {name}", lambda: (ready.exists(), ""), timeout=20)
+
+    def _forwarder(self) -> None:
+        api = self._api_port()
+        self._forward("forward", [
+            f"ns:127.0.0.1:{api}>host:127.0.0.1:{api}",
+            f"ns:{SERVICE_IP}:443>host:127.0.0.1:{api}",
+            f"host:127.0.0.1:{self.kubelet_port}>ns:127.0.0.1:{self.kubelet_port}"])
+
+    def expose(self, *ports: int) -> str:
+        """Make host ``127.0.0.1:PORT`` reachable from pods as ``NODE_IP:PORT``; returns
+        the address pods use (the node IP)."""
+        self._forwarders += 1
+        self._forward(f"forward-{self._forwarders}",
+                      [f"ns:{self.ip}:{p}>host:127.0.0.1:{p}" for p in ports])
+        return self.ip
+
+    def _cgroups(self) -> None:
+        for h in _v1_hierarchies():
+            d = h / self.cgroup_root.lstrip("/")
+            d.mkdir(exist_ok=True)
+            if (h / "cpuset.cpus").exists():
+                for f in ("cpuset.cpus", "cpuset.mems"):
+                    (d / f).write_text((h / f).read_text())
+
+    def _containerd(self) -> None:
+        d = self.cd_dir
+        d.mkdir(exist_ok=True)
+        netd = self.run_dir / "cni" / "net.d"
+        netd.mkdir(parents=True, exist_ok=True)
+        (netd / "10-mail-selfcheck.conflist").write_text(json.dumps({
+            "cniVersion": "0.4.0", "name": "mail-selfcheck",
+            "plugins": [{"type": "bridge", "bridge": BRIDGE, "isGateway": True,
+                         "ipMasq": False, "hairpinMode": True,
+                         "ipam": {"type": "host-local", "ranges": [[{"subnet": POD_SUBNET}]],
+                                  "routes": [{"dst": "0.0.0.0/0"}],
+                                  "dataDir": str(self.run_dir / "cni" / "ipam")}}]}, indent=2))
+        cfg = f"""\
+# Generated by tests/harness/node.py
+version = 2
+root = "{d / 'root'}"
+state = "{d / 'state'}"
+disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
+                    "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs",
+                    "io.containerd.tracing.processor.v1.otlp"]
+[grpc]
+  address = "{self.cd_sock}"
+[ttrpc]
+  address = "{self.cd_sock}.ttrpc"
+[debug]
+  level = "info"
+[metrics]
+  address = ""
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{d / 'opt'}"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{PAUSE_IMAGE}"
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  netns_mounts_under = "{self.run_dir / 'netns'}"
+  disable_apparmor = true
+  # This VM withholds CAP_SYS_RESOURCE: no oom_score_adj below containerd's own.
+  restrict_oom_score_adj = true
+  enable_selinux = false
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+        BinaryName = "{shutil.which('runc')}"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{CNI_BIN_DIR}"
+    conf_dir = "{netd}"
+    max_conf_num = 1
+"""
+        (d / "config.toml").write_text(cfg)
+        self._spawn("containerd", ["containerd", f"--config={d / 'config.toml'}"],
+                    ns=True, mnt=True)
+
+        def up():
+            p = subprocess.run(["ctr", f"--address={self.cd_sock}", "version"],
+                               capture_output=True, text=True, timeout=10)
+            return p.returncode == 0, p.stderr.strip()[-300:]
+        self._wait("containerd's API", up, timeout=30)
+
+    def ctr(self, *args: str, check: bool = True, timeout: float = 300
+            ) -> subprocess.CompletedProcess:
+        """``ctr --namespace k8s.io ARGS`` against the node's containerd."""
+        return self._run(["ctr", f"--address={self.cd_sock}", "--namespace=k8s.io", *args],
+                         "ctr", check=check, timeout=timeout)
+
+    def _import_images(self) -> None:
+        for archive in self.binaries.images:
+            self.ctr("images", "import", "--no-unpack=false", str(archive), timeout=600)
+
+    def _kubelet(self) -> None:
+        kd = self.run_dir / "kubelet"
+        kd.mkdir(exist_ok=True)
+        pki = self.cp.run_dir / "pki"
+        config = {
+            "apiVersion": "kubelet.config.k8s.io/v1beta1", "kind": "KubeletConfiguration",
+            "address": "0.0.0.0", "port": self.kubelet_port, "readOnlyPort": 0,
+            "healthzBindAddress": "127.0.0.1", "healthzPort": free_port(),
+            "authentication": {"anonymous": {"enabled": False}, "webhook": {"enabled": False},
+                               "x509": {"clientCAFile": str(pki / "ca.crt")}},
+            "authorization": {"mode": "AlwaysAllow"},
+            "cgroupDriver": "cgroupfs", "cgroupRoot": self.cgroup_root,
+            "failCgroupV1": False, "failSwapOn": False, "protectKernelDefaults": True,
+            "containerRuntimeEndpoint": f"unix://{self.cd_sock}",
+            "clusterDomain": "cluster.local", "resolvConf": str(self.run_dir / "resolv.conf"),
+            "podLogsDir": str(self.run_dir / "pod-logs"),
+            "evictionHard": {"memory.available": "50Mi", "nodefs.available": "1%",
+                             "imagefs.available": "1%", "nodefs.inodesFree": "1%"},
+            "imageGCHighThresholdPercent": 100, "imageGCLowThresholdPercent": 99,
+            "serializeImagePulls": False, "registerNode": True,
+            "nodeStatusUpdateFrequency": "10s", "syncFrequency": "10s",
+            "kubeAPIQPS": 50, "kubeAPIBurst": 100, "shutdownGracePeriod": "0s",
+            "rotateCertificates": False, "serverTLSBootstrap": False,
+        }
+        (kd / "config.yaml").write_text(json.dumps(config, indent=2) + "\n")
+        self._spawn("kubelet", [
+            str(self.binaries.kubelet), f"--config={kd / 'config.yaml'}",
+            f"--kubeconfig={self.kubelet_kubeconfig}", f"--hostname-override={self.name}",
+            f"--node-ip={self.ip}", f"--root-dir={kd / 'root'}", f"--cert-dir={kd / 'pki'}",
+            "--v=2"], ns=True, mnt=True)
+
+        def node_ready():
+            p = self.cp.kubectl("get", "node", self.name, "-o", "json", check=False)
+            if p.returncode != 0:
+                return False, p.stderr.strip()[-300:]
+            conds = {c["type"]: c for c in json.loads(p.stdout)["status"].get("conditions", [])}
+            ready = conds.get("Ready", {})
+            return ready.get("status") == "True", json.dumps(ready)
+        self._wait(f"the Node {self.name} to be Ready", node_ready)
+
+    def _scheduler(self) -> None:
+        kc = self.scheduler_kubeconfig
+        self._spawn("kube-scheduler", [
+            str(self.binaries.kube_scheduler), f"--kubeconfig={kc}",
+            f"--authentication-kubeconfig={kc}", f"--authorization-kubeconfig={kc}",
+            "--bind-address=127.0.0.1", f"--secure-port={free_port()}",
+            "--leader-elect=false", "--v=1"])
+
+    # ----------------------------------------------------------------- stop
+    def stop(self) -> None:
+        """Stop everything (kubelet, pod processes, containerd, shims, scheduler,
+        forwarders), release the namespaces, remove the cgroups. Idempotent."""
+        if "kubelet" in self.procs:
+            terminate(self.procs.pop("kubelet"), timeout=10)
+        self._kill_cgroup_procs()
+        if "containerd" in self.procs:
+            terminate(self.procs.pop("containerd"), timeout=10)
+        for kind, inode in (("mnt", self._mnt_inode), ("net", self._net_inode)):
+            if inode:
+                for _ in range(3):
+                    pids = _pids_in_ns(kind, inode)
+                    if not pids:
+                        break
+                    for pid in pids:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+                    time.sleep(0.2)
+        for name in list(self.procs):
+            terminate(self.procs.pop(name), timeout=5)
+        for f in (self.mntns, self.netns):
+            if f.exists():
+                subprocess.run(["umount", "-l", str(f)], capture_output=True)
+        self._remove_cgroups()
+
+    def _cgroup_dirs(self) -> list[Path]:
+        out = []
+        for h in _v1_hierarchies():
+            root = h / self.cgroup_root.lstrip("/")
+            if root.is_dir():
+                out += sorted((p for p in root.rglob("*") if p.is_dir()),
+                              key=lambda p: len(p.parts), reverse=True) + [root]
+        return out
+
+    def _kill_cgroup_procs(self) -> None:
+        for _ in range(20):
+            pids = set()
+            for d in self._cgroup_dirs():
+                with contextlib.suppress(OSError):
+                    pids |= {int(x) for x in (d / "cgroup.procs").read_text().split()}
+            if not pids:
+                return
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            time.sleep(0.2)
+
+    def _remove_cgroups(self) -> None:
+        self._kill_cgroup_procs()
+        for _ in range(10):
+            left = []
+            for d in self._cgroup_dirs():
+                try:
+                    d.rmdir()
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    left.append(d)
+            if not left:
+                return
+            time.sleep(0.3)
+
+    def __enter__(self) -> "Node":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+# --------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.harness.node",
+                                     description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="build (or find) the control plane, node binaries, images")
+    b.add_argument("--no-images", action="store_true", help="binaries only")
+    args = parser.parse_args(argv)
+    if args.cmd == "build":
+        t0 = time.monotonic()
+        cpmod.build_all()
+        nb = build_node(images=not args.no_images)
+        print(f"kubelet: {nb.kubelet}\nkube-scheduler: {nb.kube_scheduler}")
+        for a in nb.images:
+            print(f"image archive: {a}")
+        print(f"build: {time.monotonic() - t0:.0f}s")
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""The real node itself: isolation of its network, a pod as a real container, the Service.
+
+See tests/harness/node.py for what runs (kubelet v1.35 + containerd 1.6 + runc + CNI bridge
+in a network namespace with no route out) and tests/harness/node_fixtures.py for fixtures.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.harness import node as nodemod
+from tests.harness.waiting import wait_until
+
+pytestmark = [pytest.mark.node, pytest.mark.timeout(1800)]
+
+
+def pod(name: str, command: list[str], image: str, **spec) -> dict:
+    return {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+        "spec": {
+            "restartPolicy": "Never",
+            "automountServiceAccountToken": False,
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532,
+                                "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{
+                "name": "main", "image": image, "imagePullPolicy": "Never", "command": command,
+                "securityContext": {"readOnlyRootFilesystem": True,
+                                    "allowPrivilegeEscalation": False,
+                                    "capabilities": {"drop": ["ALL"]}}}],
+            **spec,
+        },
+    }
+
+
+def run_pod(cluster, ns: str, body: dict, timeout: float = 90) -> dict:
+    cp = cluster.cp
+    cp.kubectl("-n", ns, "apply", "-f", "-", input=json.dumps(body))
+    name = body["metadata"]["name"]
+
+    def done():
+        p = json.loads(cp.kubectl("-n", ns, "get", "pod", name, "-o", "json").stdout)
+        return p if p.get("status", {}).get("phase") in ("Succeeded", "Failed") else None
+    return wait_until(done, timeout, f"pod {ns}/{name} to finish", diag=cluster.diag)
+
+
+def test_node_network_has_no_route_out(node_cluster):
+    """No packet can leave: the node's namespace has only lo, the pod bridge and pods' veths
+    on it, and no route to anything outside (this test sends nothing)."""
+    node = node_cluster.node
+    for dest in ("1.1.1.1", "10.255.255.53", "192.168.1.1", "172.16.0.1"):
+        out = node.in_netns("ip", "route", "get", dest, check=False)
+        assert out.returncode != 0 and "Network is unreachable" in out.stderr, (dest, out)
+    links = json.loads(node.in_netns("ip", "-j", "link", "show").stdout)
+    for link in links:
+        name = link["ifname"]
+        assert name in ("lo", nodemod.BRIDGE) or link.get("master") == nodemod.BRIDGE, link
+    routes = json.loads(node.in_netns("ip", "-j", "route", "show", "table", "all").stdout)
+    assert not [r for r in routes if r.get("dst") == "default"], routes
+
+
+def test_pod_runs_as_real_container_with_termination_message(node_cluster, node_namespace):
+    """A pod from the locally built image (imported, never pulled), uid 65532, read-only
+    root: the kubelet reads the termination message; kubectl logs goes through the kubelet."""
+    script = ("import os, pathlib\n"
+              "try:\n    pathlib.Path('/x').write_text('x'); ro = 'writable'\n"
+              "except OSError as e:\n    ro = 'read-only'\n"
+              "print('hello from', os.uname().nodename, flush=True)\n"
+              "open('/dev/termination-log', 'w').write(f'uid={os.getuid()} root={ro}')\n")
+    p = run_pod(node_cluster, node_namespace,
+                pod("smoke", ["python3", "-c", script], node_cluster.image))
+    assert p["status"]["phase"] == "Succeeded", p["status"]
+    (cs,) = p["status"]["containerStatuses"]
+    term = cs["state"]["terminated"]
+    assert term["exitCode"] == 0 and term["reason"] == "Completed"
+    assert term["message"] == "uid=65532 root=read-only"
+    assert cs["containerID"].startswith("containerd://")
+    assert p["spec"]["nodeName"] == node_cluster.node.name  # bound by kube-scheduler
+    assert p["status"]["podIP"].startswith("10.244.0.")
+    logs = node_cluster.cp.kubectl("-n", node_namespace, "logs", "smoke").stdout
+    assert logs.strip() == "hello from smoke"
+
+
+def test_pod_reaches_the_api_server_through_the_kubernetes_service(node_cluster, node_namespace):
+    """In-cluster config as the operator uses it: KUBERNETES_SERVICE_HOST:PORT, the projected
+    service-account token and CA."""
+    cp = node_cluster.cp
+    cp.kubectl("-n", node_namespace, "create", "rolebinding", "view", "--clusterrole=view",
+               f"--serviceaccount={node_namespace}:default")
+    script = ("import json, os, ssl, urllib.request\n"
+              "sa = '/var/run/secrets/kubernetes.io/serviceaccount'\n"
+              "host, port = os.environ['KUBERNETES_SERVICE_HOST'], os.environ['KUBERNETES_SERVICE_PORT']\n"
+              "ctx = ssl.create_default_context(cafile=sa + '/ca.crt')\n"
+              "req = urllib.request.Request(f'https://{host}:{port}/api/v1/namespaces/' + open(sa + '/namespace').read() + '/pods',\n"
+              "    headers={'Authorization': 'Bearer ' + open(sa + '/token').read()})\n"
+              "items = json.load(urllib.request.urlopen(req, context=ctx, timeout=10))['items']\n"
+              "open('/dev/termination-log', 'w').write(f'{host}:{port} ' + ','.join(i['metadata']['name'] for i in items))\n")
+    body = pod("incluster", ["python3", "-c", script], node_cluster.image)
+    body["spec"]["automountServiceAccountToken"] = True
+    body["spec"]["containers"][0]["terminationMessagePolicy"] = "FallbackToLogsOnError"
+    p = run_pod(node_cluster, node_namespace, body)
+    term = p["status"]["containerStatuses"][0]["state"]["terminated"]
+    assert p["status"]["phase"] == "Succeeded", term
+    assert term["message"] == f"{nodemod.SERVICE_IP}:443 incluster"
