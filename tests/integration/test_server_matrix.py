@@ -338,10 +338,12 @@ def test_no_delivery_is_a_timeout(matrix_server) -> None:
 
 # -- junk ------------------------------------------------------------------------------------------
 
-#: Where each server files the probe message for ``junked``: Dovecot (Sieve in LMTP) and
-#: Cyrus (default Sieve script in lmtpd) ``Junk``; Courier (Postfix delivers into the Maildir
-#: ``.Junk``) ``INBOX.Junk``. GreenMail has no server-side filtering: not in this test.
-JUNK_FOLDER = {"dovecot": "Junk", "cyrus": "Junk", "courier": "INBOX.Junk"}
+#: Where each server files the probe message for ``junked``: Dovecot (Sieve in LMTP) ``Junk``
+#: (``\\Junk``); Cyrus (default Sieve script in lmtpd) ``Quarantine``, known only by its
+#: special-use attribute, which Cyrus LISTs as ``\\junk``; Courier (Postfix delivers into the
+#: Maildir ``.Junk``, no special-use) ``INBOX.Junk`` by name. GreenMail has no server-side
+#: filtering: not in this test.
+JUNK_FOLDER = {"dovecot": "Junk", "cyrus": "Quarantine", "courier": "INBOX.Junk"}
 
 
 @pytest.mark.parametrize("matrix_server", _servers(WITH_POSTFIX), indirect=True)
