@@ -206,14 +206,41 @@ SMTP_AUTH_REPLY = {"dovecot": "535 5.7.8", "cyrus": "535 5.7.8", "courier": "535
                    "greenmail": "535 5.7.8"}
 
 
+def _smtp_log(server) -> Path:
+    stack = server.stack
+    return stack.greenmail_log if server.name == "greenmail" else stack.postfix_log
+
+
+def _failed_smtp_auths(server, mark: int) -> int:
+    """Failed SMTP AUTH attempts logged by the server after byte offset ``mark`` of its log
+    (Postfix: one ``SASL <mech> authentication failed`` warning each, written by the time
+    its ``disconnect from`` line is; GreenMail: one ``535`` reply each)."""
+    log = _smtp_log(server)
+    deadline = time.monotonic() + 5
+    while True:
+        with open(log, "rb") as f:
+            f.seek(mark)
+            text = f.read().decode(errors="replace")
+        if server.name == "greenmail" or "disconnect from" in text or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    if server.name == "greenmail":
+        return text.count("S: 535 ")
+    return sum(1 for line in text.splitlines() if "authentication failed" in line and "SASL" in line)
+
+
 @pytest.mark.parametrize("matrix_server", _servers(), indirect=True)
 def test_wrong_smtp_password(matrix_server) -> None:
+    """The server's own reply is reported, after exactly one AUTH (issue 9 item 10: no second
+    mechanism, no second failed login counting towards a lockout)."""
     env = matrix_server.env(smtp_password="wrong-smtp-pw")
+    mark = _smtp_log(matrix_server).stat().st_size
     result, proc = _cli(env)
     assert result["success"] is False and result["error_class"] == "mailbox_unavailable", result
     assert "sender@example.test cannot authenticate at SMTP server" in result["error"], result
     assert SMTP_AUTH_REPLY[matrix_server.name] in result["error"], result
     assert "wrong-smtp-pw" not in proc.stdout + proc.stderr
+    assert _failed_smtp_auths(matrix_server, mark) == 1
 
 
 # -- wrong TLS mode per port --------------------------------------------------------------------------
