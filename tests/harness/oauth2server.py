@@ -12,7 +12,7 @@ throw-away CA), on 127.0.0.1 and a free port:
 * ``POST /introspect``: RFC 7662 token introspection, what Dovecot's oauth2 passdb calls
   (``introspection_mode = post``), authenticated with the ``dovecot`` resource client. The
   answer carries ``active``, ``scope``, ``client_id``, ``username`` (the user of a delegated
-  token, or ``@<domain>`` of an app-only one: see ``username`` below) and ``exp``.
+  token, or ``@<domain>`` of an app-only one: see below) and ``exp``.
 * ``POST /revoke``: RFC 7009 revocation.
 
 Test controls: :meth:`add_client`, :meth:`issue_refresh_token` (a refresh token of a user, as
@@ -20,10 +20,11 @@ an authorization-code flow would have produced), :meth:`revoke` / :meth:`expire_
 (revocation and expiry you can trigger), :meth:`set_down` (the token endpoint answers 503),
 ``requests`` (the grant requests received, secrets masked) for assertions.
 
-Dovecot 2.3's oauth2 passdb compares the introspected ``username`` with the login name, so an
-app-only token (valid for any mailbox of the domain) is introspected as the *domain*
-(``username = example.test``), and the passdb for it uses ``username_format = %Ld`` (see
-``MailStack(oauth2=...)``).
+Dovecot 2.3's oauth2 passdb applies its ``username_format`` to both the login and the
+introspected ``username`` and requires them to be equal, so an app-only token (valid for any
+mailbox of the domain) is introspected as ``@<domain>`` and checked by a passdb with
+``username_format = %Ld`` (both sides become the domain; see
+:mod:`tests.harness.oauth2_mailstack`).
 """
 
 from __future__ import annotations
@@ -244,7 +245,9 @@ class OAuth2Server:
                     "client_id": token.client_id,
                     "token_type": "Bearer",
                     "scope": token.scope,
-                    "username": token.user or token.domain,
+                    # app-only: "@<domain>", which Dovecot's username_format %Ld turns into the
+                    # domain, as it does the login (see the module docstring)
+                    "username": token.user or f"@{token.domain}",
                     "exp": int(token.expires_at),
                 }
 

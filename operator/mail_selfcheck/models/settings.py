@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -72,6 +73,26 @@ class ProbeSettings(BaseSettings):
         description="Comma-separated extra junk folder names, looked at besides \\Junk and the known names.",
     )
 
+    # Authentication per side (issue 10): password (default), oauth2 (a bearer token with SASL
+    # XOAUTH2 or OAUTHBEARER), or for SMTP none (an MX or a relay that authorises by IP).
+    smtp_auth: Literal["password", "oauth2", "none"] = "password"
+    imap_auth: Literal["password", "oauth2"] = "password"
+    oauth2_provider: Literal["generic", "microsoft", "google"] = "generic"
+    oauth2_mechanism: Literal["XOAUTH2", "OAUTHBEARER"] | None = Field(
+        None, description="Force one SASL mechanism (default: OAUTHBEARER when offered, else XOAUTH2)."
+    )
+    oauth2_token_url: str | None = Field(None, description="generic: the token endpoint (RFC 6749 3.2).")
+    oauth2_tenant: str | None = Field(None, description="microsoft: tenant ID or domain.")
+    oauth2_client_id: str | None = None
+    oauth2_client_secret: SecretStr | None = None
+    oauth2_client_certificate_pem: SecretStr | None = Field(
+        None, description="microsoft: PEM private key + certificate of the app (instead of a secret)."
+    )
+    oauth2_scope: str | None = Field(None, description="Space-separated scopes (default per provider).")
+    oauth2_service_account_json: SecretStr | None = Field(None, description="google: the service account key (JSON text).")
+    smtp_oauth2_refresh_token: SecretStr | None = Field(None, description="Refresh token of FROM (delegated grant).")
+    imap_oauth2_refresh_token: SecretStr | None = Field(None, description="Refresh token of TO (delegated grant).")
+
     tls_ca_file: Path | None = Field(None, description="PEM CA bundle to verify servers with (default: system CAs).")
     tls_ca_pem: str | None = Field(
         None, description="PEM CA certificates as text (the Job passes a ConfigMap/Secret key this way)."
@@ -113,13 +134,32 @@ class ProbeSettings(BaseSettings):
             return self
         if not self.secret.get_secret_value():
             raise ValueError("MESSAGES_SELFCHECK_SECRET must be set when FROM and TO are set")
-        if self.smtp_security != "plain" and not self.smtp_password:
+        if self.smtp_auth == "password" and self.smtp_security != "plain" and not self.smtp_password:
             raise ValueError(
-                f"MESSAGES_SELFCHECK_SMTP_PASSWORD must be set (AUTH is required with smtp_security={self.smtp_security})"
+                f"MESSAGES_SELFCHECK_SMTP_PASSWORD must be set (AUTH is required with smtp_security={self.smtp_security}; "
+                "or set MESSAGES_SELFCHECK_SMTP_AUTH=oauth2 or none)"
             )
-        if not self.imap_password:
-            raise ValueError("MESSAGES_SELFCHECK_IMAP_PASSWORD must be set")
+        if self.imap_auth == "password" and not self.imap_password:
+            raise ValueError("MESSAGES_SELFCHECK_IMAP_PASSWORD must be set (or MESSAGES_SELFCHECK_IMAP_AUTH=oauth2)")
+        if "oauth2" in (self.smtp_auth, self.imap_auth):
+            self._check_oauth2()
         return self
+
+    def _check_oauth2(self) -> None:
+        if not self.oauth2_client_id and not (self.oauth2_provider == "google" and self.oauth2_service_account_json):
+            raise ValueError("MESSAGES_SELFCHECK_OAUTH2_CLIENT_ID must be set for oauth2")
+        if self.oauth2_provider == "generic" and not self.oauth2_token_url:
+            raise ValueError("MESSAGES_SELFCHECK_OAUTH2_TOKEN_URL must be set for OAUTH2_PROVIDER=generic")
+        if self.oauth2_provider == "microsoft" and not self.oauth2_tenant:
+            raise ValueError("MESSAGES_SELFCHECK_OAUTH2_TENANT must be set for OAUTH2_PROVIDER=microsoft")
+        has_refresh = bool(self.smtp_oauth2_refresh_token or self.imap_oauth2_refresh_token)
+        if self.oauth2_provider == "google":
+            if not self.oauth2_service_account_json and not (has_refresh and self.oauth2_client_secret):
+                raise ValueError("OAUTH2_PROVIDER=google needs MESSAGES_SELFCHECK_OAUTH2_SERVICE_ACCOUNT_JSON, or refresh "
+                                 "tokens with MESSAGES_SELFCHECK_OAUTH2_CLIENT_SECRET")
+        elif not self.oauth2_client_secret and not self.oauth2_client_certificate_pem:
+            raise ValueError("oauth2 needs MESSAGES_SELFCHECK_OAUTH2_CLIENT_SECRET (or, for microsoft, "
+                             "MESSAGES_SELFCHECK_OAUTH2_CLIENT_CERTIFICATE_PEM)")
 
     @property
     def enabled(self) -> bool:
@@ -149,7 +189,9 @@ class ProbeSettings(BaseSettings):
 
     def secret_values(self) -> list[str]:
         """Every confidential string of this configuration, for redaction."""
-        values = [self.secret, self.smtp_password, self.imap_password, self.webhook_url]
+        values = [self.secret, self.smtp_password, self.imap_password, self.webhook_url, self.oauth2_client_secret,
+                  self.oauth2_client_certificate_pem, self.oauth2_service_account_json,
+                  self.smtp_oauth2_refresh_token, self.imap_oauth2_refresh_token]
         return [v.get_secret_value() for v in values if v is not None and v.get_secret_value()]
 
 
