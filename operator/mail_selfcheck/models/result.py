@@ -21,6 +21,11 @@ MAX_RESULT_BYTES = 4096
 ErrorClass = Literal[
     "mailbox_unavailable",  # login / SELECT failed before sending (step 1)
     "auth_temporary",  # the server could not check the credentials (SMTP 454, IMAP [UNAVAILABLE])
+    "oauth2_endpoint",  # OAuth2 token endpoint unreachable, timed out or failing (5xx)
+    "oauth2_invalid_client",  # the token endpoint refused the client (ID, secret, certificate)
+    "oauth2_invalid_grant",  # refresh token revoked/expired, consent missing, impersonation not allowed
+    "oauth2_error",  # any other token endpoint refusal (scope, configuration)
+    "oauth2_rejected",  # the mail server refused the token (scope, mailbox permission) or offers no bearer SASL
     "smtp_connect",  # SMTP server unreachable, refused, timed out
     "smtp_tls",  # STARTTLS missing or certificate verification failed
     "smtp_rejected",  # 5xx reply during the transaction

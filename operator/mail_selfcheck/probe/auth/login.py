@@ -1,0 +1,144 @@
+"""OAuth2 login for the probe: the token of a side, then SASL XOAUTH2 / OAUTHBEARER over SMTP or IMAP.
+
+SMTP AUTH (RFC 4954) with an initial response; IMAP AUTHENTICATE (RFC 3501 6.2.2, SASL-IR
+RFC 4959) through IMAPClient's ``sasl_login``. When the server rejects the token it sends an
+error challenge (``334`` / ``+`` with base64 JSON, RFC 7628 3.2.2); the client answers it as
+the mechanism requires (empty line for XOAUTH2, ``\\x01`` for OAUTHBEARER) and the decoded JSON
+(status, scope) goes into the error. Every failure is a
+:class:`~mail_selfcheck.probe.errors.ProbeFailure` whose message holds no token or secret.
+
+Error classes: the token endpoint's (``oauth2_endpoint``, ``oauth2_invalid_client``,
+``oauth2_invalid_grant``, ``oauth2_error``, see :mod:`.tokens`); ``oauth2_rejected`` when the
+mail server refuses a token it was given (scope, mailbox permission, expired), or offers no
+bearer mechanism at all.
+"""
+
+from __future__ import annotations
+
+import smtplib
+import time
+from typing import Any
+
+from ...models.settings import ProbeSettings
+from ..errors import ProbeFailure
+from . import sasl
+from .tokens import OAuth2Config, Side, TokenError, fetch
+
+#: Replies of Microsoft 365 to basic authentication once the tenant refuses it
+#: (https://learn.microsoft.com/exchange/troubleshoot/email-delivery/5-7-139-error-code-smtp-auth
+#: and Message Center MC786329 for SMTP client submission).
+BASIC_AUTH_REFUSED_CODES = ("5.7.139", "5.7.30")
+
+
+def oauth2_config(settings: ProbeSettings) -> OAuth2Config:
+    """The token source configuration of ``settings`` (``MESSAGES_SELFCHECK_OAUTH2_*``)."""
+
+    def value(secret: Any) -> str | None:
+        return secret.get_secret_value() if secret is not None else None
+
+    refresh = {side: value(getattr(settings, f"{side}_oauth2_refresh_token")) for side in ("smtp", "imap")}
+    return OAuth2Config(
+        provider=settings.oauth2_provider,
+        token_url=settings.oauth2_token_url,
+        tenant=settings.oauth2_tenant,
+        client_id=settings.oauth2_client_id,
+        client_secret=value(settings.oauth2_client_secret),
+        client_certificate_pem=value(settings.oauth2_client_certificate_pem),
+        scope=settings.oauth2_scope,
+        refresh_tokens={side: token for side, token in refresh.items() if token},
+        service_account_json=value(settings.oauth2_service_account_json),
+        ca_file=str(settings.tls_ca_file) if settings.tls_ca_file else None,
+    )
+
+
+def access_token(settings: ProbeSettings, side: Side, login: str, deadline: float) -> str:
+    """A fresh access token for ``login`` on ``side`` before ``deadline`` (``time.monotonic()``).
+
+    Raises:
+        ProbeFailure: no token (the token endpoint's error class and message).
+    """
+    try:
+        return fetch(oauth2_config(settings), side, login, timeout=max(0.0, deadline - time.monotonic())).value
+    except TokenError as exc:
+        raise ProbeFailure(exc.error_class, f"{side.upper()} OAuth2 token for {login}: {exc}") from None  # type: ignore[arg-type]
+
+
+def basic_auth_hint(reply: str, offered: list[str] | tuple[str, ...] | set[str]) -> str:
+    """What to tell a user whose password login failed, given the server's reply and mechanisms."""
+    if any(code in reply for code in BASIC_AUTH_REFUSED_CODES):
+        return " (this tenant no longer accepts passwords: use oauth2, MESSAGES_SELFCHECK_SMTP_AUTH/IMAP_AUTH=oauth2)"
+    if sasl.choose(offered):
+        return " (the server also offers OAuth2: if passwords are disabled for this mailbox, use oauth2)"
+    return ""
+
+
+def smtp_oauth2(smtp: smtplib.SMTP, login: str, token: str, *, host: str, port: int, server: str,
+                forced: str | None = None) -> str:
+    """Authenticate the (EHLO-ed, TLS) SMTP session as ``login`` with ``token``. Returns the mechanism.
+
+    Raises:
+        ProbeFailure: ``oauth2_rejected`` with the server's reply and its error challenge.
+    """
+    offered = smtp.esmtp_features.get("auth", "").split()
+    mechanism = sasl.choose(offered, forced)
+    if mechanism is None:
+        wanted = forced or " or ".join(sasl.PREFERENCE)
+        raise ProbeFailure("oauth2_rejected", f"SMTP server {server} offers no {wanted} for {login} "
+                                              f"(it offers: {' '.join(offered) or 'no AUTH'})")
+    challenges: list[bytes] = []
+
+    def respond(challenge: bytes | None = None) -> str:
+        if challenge is None:  # the initial response
+            return sasl.initial_response(mechanism, login, token, host, port).decode()
+        challenges.append(challenge)
+        return sasl.ERROR_CHALLENGE_ANSWER[mechanism].decode()
+
+    try:
+        smtp.auth(mechanism, respond, initial_response_ok=True)
+    except smtplib.SMTPAuthenticationError as exc:
+        reply = f"{exc.smtp_code} {_text(exc.smtp_error)}"
+        detail = f"; server said {sasl.describe_error_challenge(challenges[0])}" if challenges else ""
+        raise ProbeFailure("oauth2_rejected", f"SMTP server {server} refused the OAuth2 token of {login} "
+                                              f"(AUTH {mechanism}): {reply}{detail}") from None
+    return mechanism
+
+
+def imap_oauth2(client: Any, login: str, token: str, *, host: str, port: int, server: str,
+                forced: str | None = None) -> str:
+    """Authenticate the IMAPClient ``client`` as ``login`` with ``token``. Returns the mechanism.
+
+    Raises:
+        ProbeFailure: ``oauth2_rejected`` with the server's reply and its error challenge.
+    """
+    from imapclient.exceptions import IMAPClientError
+
+    offered = [c.decode().split("=", 1)[1] for c in client.capabilities() if c.upper().startswith(b"AUTH=")]
+    mechanism = sasl.choose(offered, forced)
+    if mechanism is None:
+        wanted = forced or " or ".join(sasl.PREFERENCE)
+        raise ProbeFailure("oauth2_rejected", f"IMAP server {server} offers no {wanted} for {login} "
+                                              f"(it offers: {' '.join(offered) or 'no AUTHENTICATE'})")
+    challenges: list[bytes] = []
+    sent = False
+
+    def respond(challenge: bytes) -> bytes:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return sasl.initial_response(mechanism, login, token, host, port)
+        challenges.append(challenge)
+        return sasl.ERROR_CHALLENGE_ANSWER[mechanism]
+
+    try:
+        client.sasl_login(mechanism, respond)
+    except IMAPClientError as exc:
+        detail = f"; server said {sasl.describe_error_challenge(challenges[0])}" if challenges else ""
+        raise ProbeFailure("oauth2_rejected", f"IMAP server {server} refused the OAuth2 token of {login} "
+                                              f"(AUTHENTICATE {mechanism}): {_text(exc)}{detail}") from None
+    return mechanism
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    return " ".join(str(value).split())[:300]
