@@ -398,3 +398,30 @@ def test_courier_auth_backend_down_is_a_temporary_auth_failure(matrix_server) ->
         matrix_server.stack.start_backend()
     assert result["success"] is False and result["error_class"] == "auth_temporary", result
     assert "Temporary problem" in result["error"], result
+
+
+# -- a server without UIDPLUS or MOVE (Courier, capabilities trimmed) -------------------------------
+
+
+@pytest.mark.parametrize("matrix_server", _servers(["courier"]), indirect=True)
+def test_courier_without_uidplus_expunges_only_when_safe(matrix_server) -> None:
+    """Issue 9 item 4 on a real server: without UIDPLUS/MOVE the probe may send a plain
+    EXPUNGE only while every ``\\\\Deleted`` message is its own; another client's
+    ``\\\\Deleted`` message is never expunged, and the probe's own leftover is counted."""
+    port = matrix_server.stack.imap_legacy_port
+    env = matrix_server.env(imap_security="starttls", imap_port=port)
+    result, _ = _cli(env)
+    assert result["success"] is True and result["cleanup_warning"] is None, result
+    assert result["leftover_count"] == 0 and matrix_server.messages("receiver") == []
+
+    matrix_server.append(b"Subject: flagged by another client\r\n\r\nkeep\r\n", flags=("\\Deleted",))
+    env = matrix_server.env(imap_security="starttls", imap_port=port)
+    result, _ = _cli(env)
+    assert result["success"] is True, result
+    left = matrix_server.messages("receiver")
+    foreign = [m for m in left if m.subject == "flagged by another client"]
+    ours = [m for m in left if m.token and m.token.startswith(env["MESSAGES_SELFCHECK_SECRET"] + "/")]
+    assert len(foreign) == 1 and "\\Deleted" in foreign[0].flags
+    assert len(ours) == 1 and "\\Deleted" in ours[0].flags and len(left) == 2
+    assert result["leftover_count"] == 1, result
+    assert "other clients" in result["cleanup_warning"] and "1 probe message(s) left" in result["cleanup_warning"], result

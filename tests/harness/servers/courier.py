@@ -68,7 +68,8 @@ IMAPD_ENV = {
 class CourierStack(PostfixFront):
     """Postfix + Courier-IMAP under a temp dir (see module doc). ``CourierStack(base_dir=None,
     keep=False)``; ``start()``/``stop()`` or a context manager. ``imap_port`` = IMAP with
-    STARTTLS, ``imaps_port`` = IMAPS; Postfix ports as ``MailStack``."""
+    STARTTLS, ``imaps_port`` = IMAPS, ``imap_legacy_port`` = IMAP with STARTTLS advertising
+    neither UIDPLUS nor MOVE (same mailboxes); Postfix ports as ``MailStack``."""
 
     name = "courier"
 
@@ -91,6 +92,13 @@ class CourierStack(PostfixFront):
             "virtual_uid_maps": f"static:{uid}", "virtual_gid_maps": f"static:{gid}",
             "virtual_minimum_uid": "1",
         }
+        #: A third listener (plain IMAP + STARTTLS) whose capabilities lack UIDPLUS (and MOVE),
+        #: like an older Courier configuration: same mailboxes, same logins.
+        taken = {self.smtp_port, self.submission_port, self.submissions_port,
+                 self.submission_notls_port, self.imap_port, self.imaps_port, self.tamper_port,
+                 self.postgrey_port}
+        self.imap_legacy_port = next(p for p in iter(lambda: self._distinct_ports(1)[0], None)
+                                     if p not in taken)
         self._holder: subprocess.Popen | None = None
         self._procs: dict[str, subprocess.Popen] = {}
         self.view = ImapView(HOST, self.imap_port)  # plain LOGIN on loopback
@@ -231,13 +239,13 @@ class CourierStack(PostfixFront):
                                                  stdin=subprocess.DEVNULL, env=env)
 
     def backend_running(self) -> bool:
-        """True if authdaemond and both listeners we started are alive."""
-        return set(self._procs) == {"authdaemond", "imap", "imaps"} and all(
+        """True if authdaemond and the three listeners we started are alive."""
+        return set(self._procs) == {"authdaemond", "imap", "imaps", "imap-legacy"} and all(
             p.poll() is None for p in self._procs.values())
 
     def start_backend(self) -> None:
-        """Start the namespace holder, ``authdaemond`` and the two ``couriertcpd`` listeners;
-        wait until the auth socket exists and both ports greet. Raises ``ServerStackError``
+        """Start the namespace holder, ``authdaemond`` and the three ``couriertcpd`` listeners
+        (IMAP, IMAPS, legacy IMAP); wait until the auth socket exists and every port greets. Raises ``ServerStackError``
         with ``log/courier.log`` otherwise."""
         if self.backend_running():
             return
@@ -260,11 +268,16 @@ class CourierStack(PostfixFront):
         self._spawn("imaps", [*tcpd, str(self.imaps_port), str(r / "usr/bin/couriertls"),
                               "-server", "-tcpd", *imapd],
                     {**tls, "IMAP_STARTTLS": "NO", "IMAP_TLS": "1"})
+        legacy = " ".join(c for c in IMAPD_ENV["IMAP_CAPABILITY"].split() if c != "UIDPLUS")
+        self._spawn("imap-legacy", [*tcpd, str(self.imap_legacy_port), *imapd],
+                    {**tls, "IMAP_STARTTLS": "YES", "IMAP_CAPABILITY": legacy,
+                     "IMAP_CAPABILITY_TLS": legacy + " AUTH=PLAIN"})
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             if not self.backend_running():
                 break
-            if sock.exists() and _imap_greeting(self.imap_port) and _wait_port(self.imaps_port, 0.05):
+            if sock.exists() and _imap_greeting(self.imap_port) and _wait_port(self.imaps_port, 0.05) \
+                    and _imap_greeting(self.imap_legacy_port):
                 return
             time.sleep(0.02)
         codes = {n: p.poll() for n, p in self._procs.items()}
@@ -298,7 +311,7 @@ class CourierStack(PostfixFront):
     def stop_backend(self) -> None:
         """Stop the listeners, authdaemond, then whatever else runs in the stack's mount
         namespace (``gam_server``), then the namespace holder (all by PID). Never raises."""
-        for name in ("imaps", "imap", "authdaemond"):
+        for name in ("imap-legacy", "imaps", "imap", "authdaemond"):
             stop_process(self._procs.pop(name, None), 5)
         for pid in self._namespace_pids():
             _kill_wait(pid, 2)
