@@ -425,3 +425,20 @@ def test_courier_without_uidplus_expunges_only_when_safe(matrix_server) -> None:
     assert len(ours) == 1 and "\\Deleted" in ours[0].flags and len(left) == 2
     assert result["leftover_count"] == 1, result
     assert "other clients" in result["cleanup_warning"] and "1 probe message(s) left" in result["cleanup_warning"], result
+
+
+# -- MOVE without UIDPLUS (Cyrus with UIDPLUS suppressed) --------------------------------------------
+
+
+@pytest.mark.parametrize("matrix_server", _servers(["cyrus"]), indirect=True)
+def test_cyrus_move_without_uidplus_leaves_nothing_in_trash(matrix_server) -> None:
+    """Issue 9 item 3 on a real server: with MOVE but no UIDPLUS the probe moves its message
+    to ``\\\\Trash`` and must remove that copy too; runs must not pile up there."""
+    port = matrix_server.stack.imap_nouidplus_port
+    for _ in range(2):
+        env = matrix_server.env(imap_security="starttls", imap_port=port)
+        result, _ = _cli(env)
+        assert result["success"] is True, result
+        assert result["cleanup_warning"] is None and result["leftover_count"] == 0, result
+    assert matrix_server.messages("receiver") == []
+    assert matrix_server.messages("receiver", "Trash") == []

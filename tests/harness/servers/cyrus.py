@@ -66,7 +66,9 @@ if allof (envelope :localpart :is "to" "junked", exists "X-Selfcheck-Token") {
 class CyrusStack(PostfixFront):
     """Postfix + Cyrus IMAP under a temp dir (see module doc). ``CyrusStack(base_dir=None,
     keep=False)``; ``start()``/``stop()`` or a context manager. Ports as ``MailStack``
-    (``imap_port`` = IMAP + STARTTLS, ``imaps_port`` = IMAPS, submission ports of Postfix)."""
+    (``imap_port`` = IMAP + STARTTLS, ``imaps_port`` = IMAPS, submission ports of Postfix),
+    plus ``imap_nouidplus_port``: IMAP + STARTTLS of the same server with
+    ``suppress_capabilities: UIDPLUS`` (MOVE and SPECIAL-USE still advertised)."""
 
     name = "cyrus"
 
@@ -77,6 +79,13 @@ class CyrusStack(PostfixFront):
         self.cy_dir = self.base / "cyrus"
         self.cy_conf = self.cy_dir / "imapd.conf"
         self.cy_master_conf = self.cy_dir / "cyrus.conf"
+        self.cy_nouidplus_conf = self.cy_dir / "imapd-nouidplus.conf"
+        taken = {self.smtp_port, self.submission_port, self.submissions_port,
+                 self.submission_notls_port, self.imap_port, self.imaps_port, self.tamper_port,
+                 self.postgrey_port}
+        #: IMAP (+ STARTTLS) listener of the same Cyrus whose CAPABILITY lacks UIDPLUS (MOVE kept).
+        self.imap_nouidplus_port = next(p for p in iter(lambda: self._distinct_ports(1)[0], None)
+                                        if p not in taken)
         self.cy_socket_dir = self.cy_dir / "socket"
         self.lmtp_socket = self.cy_socket_dir / "lmtp"
         self.cyrus_log = self.log_dir / "cyrus.log"
@@ -152,6 +161,9 @@ class CyrusStack(PostfixFront):
             umask: 077
             """
         self.cy_conf.write_text(textwrap.dedent(conf))
+        # Same server, same mailboxes, for a second IMAP listener that hides UIDPLUS (MOVE
+        # stays): the "MOVE without UIDPLUS" shape of issue 9 item 3.
+        self.cy_nouidplus_conf.write_text(textwrap.dedent(conf) + "suppress_capabilities: UIDPLUS\n")
         c = f"-C {self.cy_conf}"
         master = f"""\
             START {{
@@ -160,6 +172,7 @@ class CyrusStack(PostfixFront):
             SERVICES {{
               imap cmd="{self._bin('imapd')} {c}" listen="{HOST}:{self.imap_port}" prefork=1 maxchild=100
               imaps cmd="{self._bin('imapd')} {c} -s" listen="{HOST}:{self.imaps_port}" prefork=1 maxchild=100
+              imapnouidplus cmd="{self._bin('imapd')} -C {self.cy_nouidplus_conf}" listen="{HOST}:{self.imap_nouidplus_port}" prefork=0 maxchild=20
               lmtpunix cmd="{self._bin('lmtpd')} {c}" listen="{self.lmtp_socket}" prefork=1 maxchild=20
             }}
             EVENTS {{
@@ -204,6 +217,7 @@ class CyrusStack(PostfixFront):
             if self._master.poll() is not None:
                 break
             if self.lmtp_socket.exists() and _imap_greeting(self.imap_port) \
+                    and _imap_greeting(self.imap_nouidplus_port) \
                     and _wait_port(self.imaps_port, 0.05):
                 return
             time.sleep(0.05)
