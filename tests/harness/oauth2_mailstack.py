@@ -105,13 +105,26 @@ class OAuth2MailStack(MailStack):
             self.oauth2 = None
 
     def probe_env(self, from_user: str = "sender", to_user: str = "receiver", **kwargs) -> dict[str, str]:
-        """The base stack's probe environment plus the generic OAuth2 client settings (app-only)."""
-        env = super().probe_env(from_user, to_user, **kwargs)
+        """The base stack's probe environment with both sides on OAuth2 (app-only, generic provider):
+        ``SMTP_AUTH``/``IMAP_AUTH`` = ``oauth2``, no passwords, the probe client's ID and secret."""
+        security = {k: kwargs.pop(k) for k in ("smtp_security", "imap_security") if k in kwargs}
+        env = super().probe_env(from_user, to_user, **security)
+        for name in ("MESSAGES_SELFCHECK_SMTP_PASSWORD", "MESSAGES_SELFCHECK_IMAP_PASSWORD"):
+            env.pop(name, None)
         env.update({
+            "MESSAGES_SELFCHECK_SMTP_AUTH": "oauth2",
+            "MESSAGES_SELFCHECK_IMAP_AUTH": "oauth2",
             "MESSAGES_SELFCHECK_OAUTH2_PROVIDER": "generic",
             "MESSAGES_SELFCHECK_OAUTH2_TOKEN_URL": self.oauth2.token_url,
             "MESSAGES_SELFCHECK_OAUTH2_CLIENT_ID": CLIENT_ID,
             "MESSAGES_SELFCHECK_OAUTH2_CLIENT_SECRET": self.client_secret,
             "MESSAGES_SELFCHECK_OAUTH2_SCOPE": MAIL_SCOPE,
         })
+        p = "MESSAGES_SELFCHECK_"
+        for key, value in kwargs.items():  # overrides, as MailStack.probe_env applies them
+            name = key if key.upper().startswith(p) else p + key.upper()
+            if value is None:
+                env.pop(name, None)
+            else:
+                env[name] = str(value)
         return env

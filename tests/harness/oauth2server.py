@@ -157,6 +157,8 @@ class OAuth2Server:
         self.requests: list[dict[str, Any]] = []
         self.introspections: list[dict[str, Any]] = []
         self.down = False
+        #: True: tokens are issued already expired at the server (the client sees expires_in as usual).
+        self.expire_on_issue = False
         self.resource_secret = secrets.token_urlsafe(16)
         self.add_client(RESOURCE_CLIENT, self.resource_secret, grant_types=())
         self._lock = threading.Lock()
@@ -189,6 +191,12 @@ class OAuth2Server:
         """Every access token issued so far is expired from now on."""
         for token in self.tokens.values():
             token.expires_at = time.time() - 1
+
+    def reset(self) -> None:
+        """Back to normal: up, tokens valid at issue, no recorded requests (clients and tokens stay)."""
+        self.down = self.expire_on_issue = False
+        self.requests.clear()
+        self.introspections.clear()
 
     def set_down(self, down: bool = True) -> None:
         """``True``: /token answers HTTP 503 (a broken identity provider)."""
@@ -298,7 +306,8 @@ class OAuth2Server:
         user = request.user if isinstance(request.user, str) else None
         self.tokens[token["access_token"]] = Token(
             client_id=client.client_id, access_token=token["access_token"], scope=token.get("scope", ""),
-            expires_at=time.time() + token.get("expires_in", self.lifetime), user=user,
+            expires_at=time.time() - 1 if self.expire_on_issue else time.time() + token.get("expires_in", self.lifetime),
+            user=user,
             domain=None if user else client.domain,
         )
 

@@ -71,6 +71,9 @@ class ProbeResult(BaseModel):
         "mailbox after cleanup; 0 when clean, None when cleanup could not look.",
     )
     duration: float | None = Field(default=None, description="Seconds the whole run took.")
+    token_time: float | None = Field(
+        default=None, description="Seconds spent obtaining OAuth2 access tokens (oauth2 only), before anything is timed."
+    )
 
     def to_json(self) -> str:
         """Serialise to one compact JSON line of at most :data:`MAX_RESULT_BYTES` bytes.

@@ -53,6 +53,10 @@ def run_probe(settings: ProbeSettings) -> ProbeResult:
     mailbox = Mailbox(settings)
     sent = None
     try:
+        if "oauth2" in (settings.smtp_auth, settings.imap_auth):
+            from .auth.login import prefetch
+
+            fields["token_time"] = round(prefetch(settings, deadline), 3)
         mailbox.open(deadline)
         log.debug("mailbox_opened", folder=mailbox.folder, uidvalidity=mailbox.uidvalidity,
                   uidnext=mailbox.uidnext, junk_folder=mailbox.junk)

@@ -92,7 +92,13 @@ def _transaction(settings: ProbeSettings, message: SentMessage, deadline: float)
             except ssl.SSLError as exc:
                 raise ProbeFailure("smtp_tls", f"TLS error with SMTP server {server}: {describe_starttls_error(exc)}") from exc
             smtp.ehlo()
-        if settings.smtp_password is not None:
+        if settings.smtp_auth == "oauth2":
+            from .auth.login import access_token, smtp_oauth2
+
+            token = access_token(settings, "smtp", settings.smtp_login, deadline)
+            smtp_oauth2(smtp, settings.smtp_login, token, host=settings.smtp_host, port=settings.smtp_port_effective,
+                        server=server, forced=settings.oauth2_mechanism)
+        elif settings.smtp_auth == "password" and settings.smtp_password is not None:
             _authenticate(smtp, settings, server)
         for step, args in (("MAIL FROM", (message.from_address,)), ("RCPT TO", (message.to_address,))):
             code, text = (smtp.mail if step == "MAIL FROM" else smtp.rcpt)(*args)
@@ -158,9 +164,12 @@ def _authenticate(smtp: smtplib.SMTP, settings: ProbeSettings, server: str) -> N
                 f"failure, AUTH {mechanism}): {reply}",
                 smtp_reply=reply,
             ) from exc
+        from .auth.login import basic_auth_hint
+
         raise ProbeFailure(
             "mailbox_unavailable",
-            f"mailbox unavailable: {login} cannot authenticate at SMTP server {server} (AUTH {mechanism}): {reply}",
+            f"mailbox unavailable: {login} cannot authenticate at SMTP server {server} (AUTH {mechanism}): {reply}"
+            f"{basic_auth_hint(reply, offered.split())}",
             smtp_reply=reply,
         ) from exc
     finally:

@@ -51,16 +51,54 @@ def oauth2_config(settings: ProbeSettings) -> OAuth2Config:
     )
 
 
+#: Tokens of this process: (side, login) -> (token, monotonic expiry). A run fetches each side's
+#: token once (:func:`prefetch`) and reuses it for reconnects and the cleanup session; ``--loop``
+#: runs reuse it until shortly before it expires.
+_TOKENS: dict[tuple[str, str], tuple[str, float]] = {}
+#: Seconds before its expiry a cached token is no longer used (lifetime unknown: 5 minutes).
+EXPIRY_MARGIN = 60.0
+DEFAULT_LIFETIME = 300.0
+
+
 def access_token(settings: ProbeSettings, side: Side, login: str, deadline: float) -> str:
-    """A fresh access token for ``login`` on ``side`` before ``deadline`` (``time.monotonic()``).
+    """An access token for ``login`` on ``side``, fetched before ``deadline`` (``time.monotonic()``)
+    unless this process holds one that is still valid.
 
     Raises:
         ProbeFailure: no token (the token endpoint's error class and message).
     """
+    cached = _TOKENS.get((side, login))
+    now = time.monotonic()
+    if cached and cached[1] > now:
+        return cached[0]
     try:
-        return fetch(oauth2_config(settings), side, login, timeout=max(0.0, deadline - time.monotonic())).value
+        token = fetch(oauth2_config(settings), side, login, timeout=max(0.0, deadline - now))
     except TokenError as exc:
         raise ProbeFailure(exc.error_class, f"{side.upper()} OAuth2 token for {login}: {exc}") from None  # type: ignore[arg-type]
+    lifetime = float(token.expires_in) if token.expires_in else DEFAULT_LIFETIME
+    _TOKENS[(side, login)] = (token.value, time.monotonic() + max(0.0, lifetime - EXPIRY_MARGIN))
+    return token.value
+
+
+def forget(token: str) -> None:
+    """Drop ``token`` from the cache (the server refused it: the next login fetches a new one)."""
+    for key, (value, _) in list(_TOKENS.items()):
+        if value == token:
+            del _TOKENS[key]
+
+
+def prefetch(settings: ProbeSettings, deadline: float) -> float:
+    """Fetch the token of every side that uses oauth2, before anything is timed. Returns the seconds it took.
+
+    Raises:
+        ProbeFailure: a token could not be obtained.
+    """
+    started = time.monotonic()
+    if settings.imap_auth == "oauth2":
+        access_token(settings, "imap", settings.imap_login, deadline)
+    if settings.smtp_auth == "oauth2":
+        access_token(settings, "smtp", settings.smtp_login, deadline)
+    return time.monotonic() - started
 
 
 def basic_auth_hint(reply: str, offered: list[str] | tuple[str, ...] | set[str]) -> str:
@@ -96,6 +134,7 @@ def smtp_oauth2(smtp: smtplib.SMTP, login: str, token: str, *, host: str, port: 
     try:
         smtp.auth(mechanism, respond, initial_response_ok=True)
     except smtplib.SMTPAuthenticationError as exc:
+        forget(token)
         reply = f"{exc.smtp_code} {_text(exc.smtp_error)}"
         detail = f"; server said {sasl.describe_error_challenge(challenges[0])}" if challenges else ""
         raise ProbeFailure("oauth2_rejected", f"SMTP server {server} refused the OAuth2 token of {login} "
@@ -132,6 +171,7 @@ def imap_oauth2(client: Any, login: str, token: str, *, host: str, port: int, se
     try:
         client.sasl_login(mechanism, respond)
     except IMAPClientError as exc:
+        forget(token)
         detail = f"; server said {sasl.describe_error_challenge(challenges[0])}" if challenges else ""
         raise ProbeFailure("oauth2_rejected", f"IMAP server {server} refused the OAuth2 token of {login} "
                                               f"(AUTHENTICATE {mechanism}): {_text(exc)}{detail}") from None

@@ -157,6 +157,16 @@ class Mailbox:
             raise ProbeFailure(
                 "imap_tls", f"IMAP server {self.server} refused STARTTLS: {exc}; refusing to log in in clear text"
             ) from exc
+        if s.imap_auth == "oauth2":
+            from ..auth.login import access_token, imap_oauth2
+
+            token = access_token(s, "imap", s.imap_login, deadline)
+            try:
+                imap_oauth2(client, s.imap_login, token, host=s.imap_host, port=s.imap_port_effective,
+                            server=self.server, forced=s.oauth2_mechanism)
+            except (OSError, socket.timeout) as exc:
+                raise self.fail_network(exc, "mailbox unavailable: login failed at") from exc
+            return
         try:
             client.login(s.imap_login, s.imap_password.get_secret_value() if s.imap_password else "")
         except LoginError as exc:
@@ -166,9 +176,16 @@ class Mailbox:
                     f"IMAP server {self.server} could not check the credentials of {s.imap_login} (temporary "
                     f"authentication failure): {text(exc)}",
                 ) from exc
+            from ..auth.login import basic_auth_hint
+
+            try:
+                offered = [c.decode().split("=", 1)[1] for c in client.capabilities() if c.upper().startswith(b"AUTH=")]
+            except (OSError, IMAPClientError):
+                offered = []
             raise ProbeFailure(
                 "mailbox_unavailable",
-                f"mailbox unavailable: {s.imap_login} cannot log in at IMAP server {self.server}: {text(exc)}",
+                f"mailbox unavailable: {s.imap_login} cannot log in at IMAP server {self.server}: {text(exc)}"
+                f"{basic_auth_hint(text(exc), offered)}",
             ) from exc
         except (OSError, IMAPClientError) as exc:
             raise self.fail_network(exc, "mailbox unavailable: login failed at") from exc
