@@ -4,6 +4,9 @@
 set -euo pipefail
 # prometheus: promtool, for the alert-rule tests (tests/cluster/test_alerts.py)
 pkgs=(postfix dovecot-imapd dovecot-lmtpd dovecot-sieve postgrey openssl ca-certificates procps buildah debootstrap prometheus)
+# containerd, runc, CNI plugins, iproute2, util-linux (unshare/nsenter): the real node of
+# the node tier (tests/harness/node.py, hack/build-node.sh). Debian 12: containerd 1.6.20.
+pkgs+=(containerd runc containernetworking-plugins iproute2 util-linux)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

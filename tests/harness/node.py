@@ -57,11 +57,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -71,7 +73,7 @@ from pathlib import Path
 
 from tests.harness import controlplane as cpmod
 from tests.harness.controlplane import (
-    K8S_VERSION, ControlPlane, _build_lock, _is_built, _log as _cp_log, _run_go,
+    K8S_VERSION, ControlPlane, _build_lock, _is_built, _run_go,
     _set_pdeathsig, build_kubernetes, cache_root, free_port, terminate,
 )
 
@@ -241,7 +243,10 @@ def build_node(images: bool = True) -> NodeBinaries:
     archives: tuple[Path, ...] = ()
     if images:
         build_pause_image()
-        build_app_image()
+        if os.environ.get("MAIL_SELFCHECK_NODE_IMAGE_BUILD", "1") != "0" or not _image_id(APP_IMAGE):
+            build_app_image()
+        else:
+            _log(f"MAIL_SELFCHECK_NODE_IMAGE_BUILD=0: using the {APP_IMAGE} already built")
         archives = (image_archive(PAUSE_IMAGE), image_archive(APP_IMAGE))
     _log(f"node build ready in {time.monotonic() - t0:.0f}s")
     return NodeBinaries(kubelet / "kubelet", sched / "kube-scheduler", archives)
@@ -279,6 +284,17 @@ def _v1_hierarchies() -> list[Path]:
     for line in Path("/proc/self/mounts").read_text().splitlines():
         parts = line.split()
         if len(parts) > 2 and parts[2] == "cgroup" and parts[1].startswith("/sys/fs/cgroup/"):
+            out.append(Path(parts[1]))
+    return out
+
+
+def _all_hierarchies() -> list[Path]:
+    """v1 hierarchies plus the hybrid cgroup2 mount (/sys/fs/cgroup/unified), where runc
+    also creates the containers' cgroups."""
+    out = _v1_hierarchies()
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        parts = line.split()
+        if len(parts) > 2 and parts[2] == "cgroup2" and parts[1].startswith("/sys/fs/cgroup/"):
             out.append(Path(parts[1]))
     return out
 
@@ -441,6 +457,7 @@ class Node:
                                 "build` (hack/build-node.sh)")
         if not self.binaries.images:
             raise NodeError("no image archives given (Node(binaries=build_node()))")
+        cleanup_stale()
         t0 = time.monotonic()
         self._namespaces()
         self._certs_and_rbac()
@@ -464,6 +481,7 @@ class Node:
         self._run(["unshare", f"--net={self.netns}", f"--mount={self.mntns}",
                    "--propagation", "private", "true"], "create the node namespaces")
         self._net_inode, self._mnt_inode = _ns_inode(self.netns), _ns_inode(self.mntns)
+        self._register()
         ip = ["ip"]
         self._run(ip + ["link", "set", "lo", "up"], "lo up", ns=True)
         for addr in (self.ip, SERVICE_IP):
@@ -660,68 +678,167 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         forwarders), release the namespaces, remove the cgroups. Idempotent."""
         if "kubelet" in self.procs:
             terminate(self.procs.pop("kubelet"), timeout=10)
-        self._kill_cgroup_procs()
+        if "containerd" in self.procs and self.procs["containerd"].poll() is None:
+            # Every task deleted through containerd: the shims exit and clean up after
+            # themselves (runc state, sockets under /run/containerd).
+            with contextlib.suppress(Exception):
+                tasks = self.ctr("tasks", "ls", "-q", check=False, timeout=20).stdout.split()
+                if tasks:
+                    self.ctr("tasks", "rm", "-f", *tasks, check=False, timeout=60)
+        _kill_cgroup_procs(self.cgroup_root)
         if "containerd" in self.procs:
             terminate(self.procs.pop("containerd"), timeout=10)
-        for kind, inode in (("mnt", self._mnt_inode), ("net", self._net_inode)):
-            if inode:
-                for _ in range(3):
-                    pids = _pids_in_ns(kind, inode)
-                    if not pids:
-                        break
-                    for pid in pids:
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(pid, signal.SIGKILL)
-                    time.sleep(0.2)
+        _kill_ns_procs(self.mntns, self._mnt_inode, "mnt")
+        _kill_ns_procs(self.netns, self._net_inode, "net")
         for name in list(self.procs):
             terminate(self.procs.pop(name), timeout=5)
-        for f in (self.mntns, self.netns):
-            if f.exists():
-                subprocess.run(["umount", "-l", str(f)], capture_output=True)
-        self._remove_cgroups()
+        _release(self.mntns, self.netns, self.cgroup_root)
+        _registry_file(self.id).unlink(missing_ok=True)
 
-    def _cgroup_dirs(self) -> list[Path]:
-        out = []
-        for h in _v1_hierarchies():
-            root = h / self.cgroup_root.lstrip("/")
-            if root.is_dir():
-                out += sorted((p for p in root.rglob("*") if p.is_dir()),
-                              key=lambda p: len(p.parts), reverse=True) + [root]
-        return out
-
-    def _kill_cgroup_procs(self) -> None:
-        for _ in range(20):
-            pids = set()
-            for d in self._cgroup_dirs():
-                with contextlib.suppress(OSError):
-                    pids |= {int(x) for x in (d / "cgroup.procs").read_text().split()}
-            if not pids:
-                return
-            for pid in pids:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            time.sleep(0.2)
-
-    def _remove_cgroups(self) -> None:
-        self._kill_cgroup_procs()
-        for _ in range(10):
-            left = []
-            for d in self._cgroup_dirs():
-                try:
-                    d.rmdir()
-                except FileNotFoundError:
-                    pass
-                except OSError:
-                    left.append(d)
-            if not left:
-                return
-            time.sleep(0.3)
+    def _register(self) -> None:
+        """Record this run so that a later start cleans it up if this process dies first
+        (SIGKILL, a crashed pytest): see :func:`cleanup_stale`."""
+        f = _registry_file(self.id)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps({
+            "owner": os.getpid(), "owner_start": _proc_start(os.getpid()),
+            "run_dir": str(self.run_dir), "cgroup_root": self.cgroup_root,
+            "mntns": str(self.mntns), "netns": str(self.netns),
+            "mnt_inode": self._mnt_inode, "net_inode": self._net_inode}) + "\n")
 
     def __enter__(self) -> "Node":
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _registry_file(node_id: str) -> Path:
+    return cache_root() / "node-runs" / f"{node_id}.json"
+
+
+def _proc_start(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _cgroup_dirs(cgroup_root: str) -> list[Path]:
+    out = []
+    for h in _all_hierarchies():
+        root = h / cgroup_root.lstrip("/")
+        if root.is_dir():
+            out += sorted((p for p in root.rglob("*") if p.is_dir()),
+                          key=lambda p: len(p.parts), reverse=True) + [root]
+    return out
+
+
+def _kill_cgroup_procs(cgroup_root: str) -> None:
+    """SIGKILL every process in the node's pod cgroups (containers and pause processes)."""
+    for _ in range(25):
+        pids = set()
+        for d in _cgroup_dirs(cgroup_root):
+            with contextlib.suppress(OSError):
+                pids |= {int(x) for x in (d / "cgroup.procs").read_text().split()}
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+
+
+def _kill_ns_procs(ns_file: Path, inode: int | None, kind: str) -> None:
+    """SIGKILL every process still in the node's namespace (containerd shims): all of them
+    were started by this node (the namespace is checked by inode, never by name)."""
+    if not inode or _ns_inode(ns_file) != inode:
+        return
+    sockets = []
+    for _ in range(5):
+        pids = _pids_in_ns(kind, inode)
+        if not pids:
+            break
+        for pid in pids:
+            sockets += _shim_socket(pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+    for sock in sockets:  # a killed shim leaves its socket behind
+        with contextlib.suppress(OSError):
+            if stat.S_ISSOCK(os.lstat(sock).st_mode):
+                os.unlink(sock)
+
+
+def _shim_socket(pid: int) -> list[str]:
+    """The ttrpc socket of a containerd-shim-runc-v2 (containerd 1.6's SocketAddress:
+    /run/containerd/s/sha256(<containerd address>/<namespace>/<id>))."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    except OSError:
+        return []
+    if not argv or not argv[0].endswith("containerd-shim-runc-v2"):
+        return []
+    opts = dict(zip(argv[1::2], argv[2::2]))
+    if not {"-address", "-id", "-namespace"} <= opts.keys():
+        return []
+    key = f"{opts['-address']}/{opts['-namespace']}/{opts['-id']}".encode()
+    return [f"/run/containerd/s/{hashlib.sha256(key).hexdigest()}"]
+
+
+def _remove_runc_state(cgroup_root: str) -> None:
+    """runc state dirs (``--root /run/containerd/runc/k8s.io``) of this node's containers,
+    recognised by their cgroup path, when their shim died without deleting them."""
+    base = Path("/run/containerd/runc/k8s.io")
+    if not base.is_dir():
+        return
+    for d in base.iterdir():
+        with contextlib.suppress(OSError, ValueError):
+            state = json.loads((d / "state.json").read_text())
+            paths = state.get("cgroup_paths") or {}
+            if any(cgroup_root + "/" in p for p in paths.values()):
+                shutil.rmtree(d)
+
+
+def _release(mntns: Path, netns: Path, cgroup_root: str) -> None:
+    _remove_runc_state(cgroup_root)
+    for f in (mntns, netns):
+        if f.exists():
+            subprocess.run(["umount", "-l", str(f)], capture_output=True)
+    _kill_cgroup_procs(cgroup_root)
+    for _ in range(10):
+        left = []
+        for d in _cgroup_dirs(cgroup_root):
+            try:
+                d.rmdir()
+            except FileNotFoundError:
+                pass
+            except OSError:
+                left.append(d)
+        if not left:
+            return
+        time.sleep(0.3)
+
+
+def cleanup_stale() -> int:
+    """Tear down nodes whose owning process is gone (killed test runs); returns how many."""
+    n = 0
+    for f in sorted((cache_root() / "node-runs").glob("*.json")):
+        try:
+            st = json.loads(f.read_text())
+        except (OSError, ValueError):
+            f.unlink(missing_ok=True)
+            continue
+        if _proc_start(st["owner"]) == st.get("owner_start"):
+            continue  # still running
+        _log(f"cleaning up the stale node of {st['run_dir']}")
+        _kill_cgroup_procs(st["cgroup_root"])
+        _kill_ns_procs(Path(st["mntns"]), st.get("mnt_inode"), "mnt")
+        _kill_ns_procs(Path(st["netns"]), st.get("net_inode"), "net")
+        _release(Path(st["mntns"]), Path(st["netns"]), st["cgroup_root"])
+        f.unlink(missing_ok=True)
+        n += 1
+    return n
 
 
 # --------------------------------------------------------------------------- CLI
