@@ -3,7 +3,7 @@ PY   ?= python3
 VENV := .venv
 BIN  := $(VENV)/bin
 
-.PHONY: test demo system-deps venv control-plane
+.PHONY: test demo system-deps venv control-plane servers
 
 ## Debian packages the tests need (Postfix, Dovecot, buildah, ...); idempotent.
 system-deps:
@@ -21,8 +21,13 @@ $(VENV)/.installed: pyproject.toml
 control-plane: venv
 	$(BIN)/python -m tests.harness.controlplane build
 
-## The whole test suite: unit, real Postfix+Dovecot, real Kubernetes control plane.
-test: system-deps venv control-plane
+## IMAP servers of the server-matrix tier (Cyrus/Courier unpacked from Debian 12 .debs, GreenMail jar),
+## cached in ~/.cache/mail-selfcheck/servers.
+servers:
+	bash hack/install-servers.sh
+
+## The whole test suite: unit, real Postfix+Dovecot (+ Cyrus, Courier, GreenMail), real Kubernetes control plane.
+test: system-deps venv control-plane servers
 	$(BIN)/pytest
 
 ## One-command demo: control plane + mail stack + operator + a sample MailSelfcheck.

@@ -529,3 +529,43 @@ def test_a_recreated_watched_namespace_does_not_stop_the_operator(control_plane,
     finally:
         op.uninstall()
         cp.kubectl("delete", "namespace", other, op.namespace, "--wait=false", check=False)
+
+
+@pytest.fixture(scope="module")
+def oauth_stack():
+    from tests.harness.oauth2_mailstack import OAuth2MailStack
+
+    with OAuth2MailStack() as stack:
+        yield stack
+
+
+def test_oauth2_check_end_to_end(control_plane, oauth_stack, operator, k8s_namespace):
+    """smtp.auth / imap.auth = oauth2 (generic provider, app-only, client secret from a Secret): the Job gets
+    the OAuth2 settings, obtains tokens from the real authorization server and logs in to Postfix and Dovecot;
+    neither the client secret nor any token reaches status, Events, the Job or the operator log."""
+    from tests.harness.oauth2_mailstack import CLIENT_ID, MAIL_SCOPE
+
+    cp, ns, stack = control_plane, k8s_namespace, oauth_stack
+    env = stack.probe_env()
+    apply(cp, ns, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "mail"},
+                   "stringData": {"secret": env["MESSAGES_SELFCHECK_SECRET"], "client-secret": stack.client_secret}})
+    apply(cp, ns, {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "mail-ca"},
+                   "data": {"ca.crt": Path(env["MESSAGES_SELFCHECK_TLS_CA_FILE"]).read_text()}})
+    body = selfcheck(env, name="oauth", interval=20, timeout=10)
+    body["spec"]["smtp"] = {"host": env["MESSAGES_SELFCHECK_SMTP_HOST"], "port": int(env["MESSAGES_SELFCHECK_SMTP_PORT"]),
+                            "security": "starttls", "auth": "oauth2"}
+    body["spec"]["imap"] = {"host": env["MESSAGES_SELFCHECK_IMAP_HOST"], "port": int(env["MESSAGES_SELFCHECK_IMAP_PORT"]),
+                            "security": "tls", "auth": "oauth2"}
+    body["spec"]["oauth2"] = {"provider": "generic", "tokenUrl": stack.oauth2.token_url, "clientId": CLIENT_ID,
+                              "scope": MAIL_SCOPE, "clientSecretRef": {"name": "mail", "key": "client-secret"}}
+    apply(cp, ns, body)
+    st = wait_until(lambda: (s := status(cp, ns, "oauth")).get("success") is not None and s, 40,
+                    "the OAuth2 check", diag=diag(cp, ns, operator))
+    assert st["success"] is True, st
+    assert st["leftoverCount"] == 0
+    assert "client_credentials" in [r["grant_type"] for r in stack.oauth2.requests]
+    job = get(cp, ns, "job", st["lastHarvestedJob"])
+    env_names = {e["name"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert {"MESSAGES_SELFCHECK_SMTP_AUTH", "MESSAGES_SELFCHECK_OAUTH2_CLIENT_SECRET"} <= env_names
+    assert_no_secrets(cp, ns, operator, {"client secret": stack.client_secret,
+                                         **{f"token {i}": t for i, t in enumerate(stack.oauth2.tokens)}})

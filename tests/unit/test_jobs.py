@@ -170,3 +170,29 @@ def test_jobs_and_pods_name_their_mailselfcheck():
     assert job["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/instance"] == "demo"
     long = "a" * 70 + ".example"
     assert len(instance_label(long)) <= 63 and instance_label(long) != instance_label("a" * 71 + ".example")
+
+
+def test_oauth2_spec_becomes_settings_the_probe_accepts(monkeypatch):
+    """The Job env of an OAuth2 spec, Secret references resolved as a kubelet would, is a valid ProbeSettings."""
+    over = {
+        "smtp": {"host": "smtp.office365.com", "port": 587, "auth": "oauth2",
+                 "oauth2RefreshTokenRef": {"name": "o", "key": "smtp-rt"}},
+        "imap": {"host": "outlook.office365.com", "auth": "oauth2", "junkFolders": ["Junk Email", "Spam"]},
+        "oauth2": {"provider": "microsoft", "tenant": "contoso.onmicrosoft.com", "clientId": "app-1",
+                   "clientSecretRef": {"name": "o", "key": "client-secret"}, "mechanism": "XOAUTH2"},
+    }
+    env = manifest(**over)["spec"]["template"]["spec"]["containers"][0]["env"]
+    names = {e["name"] for e in env}
+    assert "MESSAGES_SELFCHECK_IMAP_PASSWORD" not in names and "MESSAGES_SELFCHECK_SMTP_PASSWORD" not in names
+    secrets = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in env if "valueFrom" in e and "secretKeyRef" in e["valueFrom"]}
+    assert secrets["MESSAGES_SELFCHECK_OAUTH2_CLIENT_SECRET"] == {"name": "o", "key": "client-secret"}
+    assert secrets["MESSAGES_SELFCHECK_SMTP_OAUTH2_REFRESH_TOKEN"] == {"name": "o", "key": "smtp-rt"}
+    for e in env:
+        if e["name"] in ("MESSAGES_SELFCHECK_WEBHOOK_URL", "MESSAGES_SELFCHECK_TLS_CA_PEM"):
+            continue  # values of a shape of their own, not what this test is about
+        monkeypatch.setenv(e["name"], e.get("value") or f"resolved-{e['name'].lower()}")
+    settings = ProbeSettings()
+    assert (settings.smtp_auth, settings.imap_auth, settings.oauth2_provider) == ("oauth2", "oauth2", "microsoft")
+    assert settings.oauth2_tenant == "contoso.onmicrosoft.com" and settings.oauth2_mechanism == "XOAUTH2"
+    assert settings.imap_junk_folder_names == ["Junk Email", "Spam"]
+    assert "resolved-messages_selfcheck_oauth2_client_secret" in settings.secret_values()

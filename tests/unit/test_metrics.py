@@ -44,3 +44,13 @@ def test_resource_series_and_self_metrics():
     m.forget("ns", "a")
     assert 'name="a"' not in _text(m)
     assert BUCKETS[0] == 0.005
+
+
+def test_leftover_messages_follow_the_last_check():
+    m = Metrics(CollectorRegistry())
+    m.observe("ns", "a", success=True, error_class=None, send_time=0.1, reception_time=0.2, consecutive_failures=0,
+              timestamp=1.0, leftover_count=2)
+    assert 'mail_selfcheck_leftover_messages{name="a",namespace="ns"} 2.0' in _text(m)
+    m.observe("ns", "a", success=True, error_class=None, send_time=0.1, reception_time=0.2, consecutive_failures=0,
+              timestamp=2.0, leftover_count=None)
+    assert "mail_selfcheck_leftover_messages{" not in _text(m), "unknown is absent, not a stale count"

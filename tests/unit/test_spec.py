@@ -68,7 +68,9 @@ def test_schema_rules():
     assert props["timeout"]["default"] == 60 and props["timeout"]["exclusiveMinimum"] is True
     assert props["smtp"]["properties"]["security"]["enum"] == ["starttls", "tls", "plain"]
     assert props["imap"]["properties"]["security"]["enum"] == ["tls", "starttls", "plain"]
-    assert "secretRef" in spec["required"] and "passwordSecretRef" in props["imap"]["required"]
+    assert "secretRef" in spec["required"] and props["imap"]["required"] == ["host"]
+    imap_rules = [r["message"] for r in props["imap"]["x-kubernetes-validations"]]
+    assert imap_rules == ["passwordSecretRef is required unless auth is oauth2"]
     rules = [r["message"] for r in spec["x-kubernetes-validations"]]
     assert "timeout must be smaller than interval" in rules
     assert props["from"]["x-kubernetes-validations"][0]["message"].startswith("must be a mail address")
@@ -118,6 +120,34 @@ def test_valid_job_settings_pass():
         "tolerations": [{"operator": "Exists"}, {"key": "mail", "operator": "Equal", "value": "yes"}],
         "serviceAccountName": "probe.sa-1"}})
     assert spec.job.resources.requests["cpu"] == "50m"
+
+
+OAUTH2 = {"provider": "microsoft", "tenant": "contoso.onmicrosoft.com", "clientId": "app",
+          "clientSecretRef": {"name": "m", "key": "client-secret"}}
+
+
+def test_oauth2_spec_replaces_passwords():
+    data = {**VALID, "smtp": {"host": "smtp.office365.com", "auth": "oauth2"},
+            "imap": {"host": "outlook.office365.com", "auth": "oauth2", "junkFolders": ["Junk Email"]}, "oauth2": OAUTH2}
+    spec = MailSelfcheckSpec.model_validate(data)
+    assert spec.smtp.auth == spec.imap.auth == "oauth2" and spec.oauth2.provider == "microsoft"
+    assert MailSelfcheckSpec.model_validate({**VALID, "smtp": {"host": "mx", "port": 25, "auth": "none"}}).smtp.auth == "none"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"imap": {"host": "h", "auth": "oauth2"}}, "oauth2 is required when smtp.auth or imap.auth is oauth2"),
+    ({"imap": {"host": "h"}}, "passwordSecretRef is required unless auth is oauth2"),
+    ({"oauth2": {**OAUTH2, "tenant": None}}, "provider microsoft needs tenant"),
+    ({"oauth2": {"provider": "generic", "clientId": "c", "clientSecretRef": {"name": "a", "key": "b"}}},
+     "provider generic needs tokenUrl"),
+    ({"oauth2": {"provider": "google", "clientId": "c"}}, "oauth2 needs clientSecretRef"),
+])
+def test_invalid_oauth2_specs(change, message):
+    data = {k: v for k, v in {**VALID, **change}.items()}
+    if "oauth2" in change:
+        data["oauth2"] = {k: v for k, v in change["oauth2"].items() if v is not None}
+    with pytest.raises(ValidationError, match=message):
+        MailSelfcheckSpec.model_validate(data)
 
 
 def test_missing_secret_ref():

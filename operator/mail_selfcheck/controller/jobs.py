@@ -112,8 +112,32 @@ def probe_env(spec: MailSelfcheckSpec) -> list[dict[str, Any]]:
         _value(env_name("imap_host"), spec.imap.host),
         _value(env_name("imap_security"), spec.imap.security),
         _value(env_name("imap_folder"), spec.imap.folder),
-        _secret(env_name("imap_password"), spec.imap.password_secret_ref),
     ]
+    if spec.imap.password_secret_ref:
+        env.append(_secret(env_name("imap_password"), spec.imap.password_secret_ref))
+    if spec.smtp.auth != "password":
+        env.append(_value(env_name("smtp_auth"), spec.smtp.auth))
+    if spec.imap.auth != "password":
+        env.append(_value(env_name("imap_auth"), spec.imap.auth))
+    if spec.imap.junk_folders:
+        env.append(_value(env_name("imap_junk_folders"), ",".join(spec.imap.junk_folders)))
+    for side in (spec.smtp, spec.imap):
+        if side.oauth2_refresh_token_ref:
+            prefix = "smtp" if side is spec.smtp else "imap"
+            env.append(_secret(env_name(f"{prefix}_oauth2_refresh_token"), side.oauth2_refresh_token_ref))
+    if spec.oauth2:
+        o = spec.oauth2
+        env.append(_value(env_name("oauth2_provider"), o.provider))
+        for field, value in (("oauth2_tenant", o.tenant), ("oauth2_token_url", o.token_url),
+                             ("oauth2_client_id", o.client_id), ("oauth2_scope", o.scope),
+                             ("oauth2_mechanism", o.mechanism)):
+            if value:
+                env.append(_value(env_name(field), value))
+        for field, ref in (("oauth2_client_secret", o.client_secret_ref),
+                           ("oauth2_client_certificate_pem", o.client_certificate_ref),
+                           ("oauth2_service_account_json", o.service_account_key_ref)):
+            if ref:
+                env.append(_secret(env_name(field), ref))
     if spec.smtp.port:
         env.append(_value(env_name("smtp_port"), spec.smtp.port))
     if spec.smtp.username:
@@ -243,6 +267,8 @@ class Outcome:
     error_class: str | None = None
     send_time: float | None = None
     reception_time: float | None = None
+    leftover_count: int | None = None
+    cleanup_warning: str | None = None
 
     @classmethod
     def from_result(cls, result: ProbeResult) -> "Outcome":
@@ -252,6 +278,8 @@ class Outcome:
             error_class=None if result.success else (result.error_class or "internal"),
             send_time=result.send_time,
             reception_time=result.reception_time,
+            leftover_count=result.leftover_count,
+            cleanup_warning=result.cleanup_warning,
         )
 
     @classmethod

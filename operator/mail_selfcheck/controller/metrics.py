@@ -14,6 +14,7 @@ Series (times in seconds, timestamps in Unix seconds):
 * ``mail_selfcheck_last_success_timestamp_seconds``; ``mail_selfcheck_creation_timestamp_seconds``
   (the resource's ``metadata.creationTimestamp``: "no success since" for a check that never
   succeeded);
+* ``mail_selfcheck_leftover_messages``: the probe's own messages the last check left (could not delete);
 * ``mail_selfcheck_consecutive_failures``; ``mail_selfcheck_interval_seconds``;
   ``mail_selfcheck_suspended`` (1 while ``spec.suspend``: the alerts leave it alone).
 
@@ -89,6 +90,11 @@ class Metrics:
             "mail_selfcheck_interval_seconds", "Configured seconds between checks (spec.interval).", _LABELS,
             registry=registry,
         )
+        self.leftovers = Gauge(
+            "mail_selfcheck_leftover_messages",
+            "The probe's own messages the last check could not delete (absent when it could not look).", _LABELS,
+            registry=registry,
+        )
         self.suspended = Gauge(
             "mail_selfcheck_suspended", "1 while the MailSelfcheck is suspended (spec.suspend), else 0.", _LABELS,
             registry=registry,
@@ -144,9 +150,10 @@ class Metrics:
 
     def observe(self, namespace: str, name: str, *, success: bool, error_class: str | None,
                 send_time: float | None, reception_time: float | None, consecutive_failures: int,
-                timestamp: float) -> None:
+                timestamp: float, leftover_count: int | None = None) -> None:
         """Record one finished check (times in seconds, ``timestamp`` Unix seconds)."""
         self.success.labels(namespace, name).set(1 if success else 0)
+        self._set_or_clear(self.leftovers, namespace, name, leftover_count)
         self._set_or_clear(self.last_send, namespace, name, send_time)
         self._set_or_clear(self.last_reception, namespace, name, reception_time)
         if send_time is not None:
@@ -163,7 +170,8 @@ class Metrics:
     def forget(self, namespace: str, name: str) -> None:
         """Remove every series of the resource ``namespace/name``."""
         for metric in (self.success, self.last_send, self.last_reception, self.send, self.reception,
-                       self.last_success, self.consecutive_failures, self.interval, self.suspended, self.created):
+                       self.last_success, self.consecutive_failures, self.interval, self.suspended, self.created,
+                       self.leftovers):
             try:
                 metric.remove(namespace, name)
             except KeyError:

@@ -413,6 +413,7 @@ class Selfcheck:
             self.namespace, self.name, success=outcome.success, error_class=outcome.error_class,
             send_time=outcome.send_time, reception_time=outcome.reception_time,
             consecutive_failures=int(self.status.get("consecutiveFailures") or 0), timestamp=now.timestamp(),
+            leftover_count=outcome.leftover_count,
         )  # fmt: skip
         if event:
             kopf.event(self.body, type=event.type, reason=event.reason, message=event.message[:1000])

@@ -117,6 +117,8 @@ def harvest_patch(
             "sendTime": outcome.send_time,
             "receptionTime": outcome.reception_time,
             "consecutiveFailures": failures,
+            "leftoverCount": outcome.leftover_count,
+            "cleanupWarning": outcome.cleanup_warning,
             "history": history[:STATUS_HISTORY_LIMIT],
             "conditions": ready_condition(
                 status.get("conditions"), ok=outcome.success, reason=reason, message=message, generation=generation, now=now

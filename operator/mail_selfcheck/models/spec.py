@@ -168,8 +168,9 @@ class SmtpEndpoint(_Model):
         json_schema_extra={
             "x-kubernetes-validations": [
                 {
-                    "rule": "self.security == 'plain' || has(self.passwordSecretRef)",
-                    "message": "passwordSecretRef is required unless security is plain (SMTP AUTH needs TLS)",
+                    "rule": "self.auth != 'password' || self.security == 'plain' || has(self.passwordSecretRef)",
+                    "message": "passwordSecretRef is required unless security is plain (SMTP AUTH needs TLS) or auth is "
+                    "oauth2 or none",
                 }
             ]
         }
@@ -178,25 +179,121 @@ class SmtpEndpoint(_Model):
     host: DNS_NAME = Field(description="Submission server host name or IP address.")
     port: Port | None = Field(None, description="Default: 587 for starttls and plain, 465 for tls.")
     security: SmtpSecurity = Field("starttls", description="starttls (RFC 3207), tls (implicit, RFC 8314) or plain.")
+    auth: Literal["password", "oauth2", "none"] = Field(
+        "password",
+        description="password (SASL PLAIN/LOGIN), oauth2 (a token from spec.oauth2, SASL OAUTHBEARER or XOAUTH2), "
+        "or none (no AUTH: an MX port 25, a relay that authorises by IP).",
+    )
     username: str | None = Field(None, max_length=254, description="AUTH user name. Default: the from address.")
     password_secret_ref: SecretKeyRef | None = Field(None, description="Secret key holding the SMTP AUTH password.")
+    oauth2_refresh_token_ref: SecretKeyRef | None = Field(
+        None, description="oauth2, delegated: Secret key holding FROM's refresh token (else app-only)."
+    )
 
     @model_validator(mode="after")
     def _password(self) -> "SmtpEndpoint":
-        if self.security != "plain" and self.password_secret_ref is None:
-            raise ValueError("passwordSecretRef is required unless security is plain (SMTP AUTH needs TLS)")
+        if self.auth == "password" and self.security != "plain" and self.password_secret_ref is None:
+            raise ValueError(
+                "passwordSecretRef is required unless security is plain (SMTP AUTH needs TLS) or auth is oauth2 or none"
+            )
         return self
 
 
 class ImapEndpoint(_Model):
     """Where and how the probe waits for its message (RFC 9051 / RFC 3501 IMAP)."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.auth != 'password' || has(self.passwordSecretRef)",
+                    "message": "passwordSecretRef is required unless auth is oauth2",
+                }
+            ]
+        }
+    )
+
     host: DNS_NAME = Field(description="IMAP server host name or IP address.")
     port: Port | None = Field(None, description="Default: 993 for tls, 143 for starttls and plain.")
     security: ImapSecurity = Field("tls", description="tls (implicit, RFC 8314), starttls or plain.")
+    auth: Literal["password", "oauth2"] = Field(
+        "password", description="password (LOGIN) or oauth2 (a token from spec.oauth2, SASL OAUTHBEARER or XOAUTH2)."
+    )
     username: str | None = Field(None, max_length=254, description="LOGIN user name. Default: the to address.")
-    password_secret_ref: SecretKeyRef = Field(description="Secret key holding the IMAP password.")
+    password_secret_ref: SecretKeyRef | None = Field(None, description="Secret key holding the IMAP password.")
+    oauth2_refresh_token_ref: SecretKeyRef | None = Field(
+        None, description="oauth2, delegated: Secret key holding TO's refresh token (else app-only)."
+    )
     folder: str = Field("INBOX", min_length=1, max_length=255, description="Folder the message is expected in.")
+    junk_folders: list[Annotated[str, Field(min_length=1, max_length=255)]] | None = Field(
+        None,
+        max_length=16,
+        description="Extra junk folder names, looked at besides \\Junk and the known names (Junk Email, Spam, ...).",
+    )
+
+    @model_validator(mode="after")
+    def _password(self) -> "ImapEndpoint":
+        if self.auth == "password" and self.password_secret_ref is None:
+            raise ValueError("passwordSecretRef is required unless auth is oauth2")
+        return self
+
+
+class OAuth2Settings(_Model):
+    """Where the probe gets OAuth2 access tokens (for smtp.auth / imap.auth = oauth2), fresh every run.
+
+    microsoft: an Entra ID app (IMAP.AccessAsApp / SMTP.SendAsApp, admin consent) and the tenant;
+    google: a service account key with domain-wide delegation (scope https://mail.google.com/);
+    generic: any RFC 6749 token endpoint (client credentials, or refresh tokens per side).
+    """
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "self.provider != 'generic' || has(self.tokenUrl)", "message": "provider generic needs tokenUrl"},
+                {"rule": "self.provider != 'microsoft' || has(self.tenant)", "message": "provider microsoft needs tenant"},
+                {
+                    "rule": "has(self.clientSecretRef) || has(self.clientCertificateRef) || has(self.serviceAccountKeyRef)",
+                    "message": "oauth2 needs clientSecretRef, clientCertificateRef (microsoft) or serviceAccountKeyRef (google)",
+                },
+                {
+                    "rule": "has(self.clientId) || (self.provider == 'google' && has(self.serviceAccountKeyRef))",
+                    "message": "oauth2 needs clientId (except google with a service account key)",
+                },
+            ]
+        }
+    )
+
+    provider: Literal["generic", "microsoft", "google"] = Field("generic", description="generic, microsoft or google.")
+    tenant: str | None = Field(None, max_length=253, description="microsoft: tenant ID or domain (contoso.onmicrosoft.com).")
+    token_url: str | None = Field(None, max_length=2048, description="generic: the token endpoint URL (https).")
+    client_id: str | None = Field(None, max_length=253, description="OAuth2 client (application) ID.")
+    scope: str | None = Field(
+        None, max_length=1024,
+        description="Space-separated scopes. Default: https://outlook.office365.com/.default (microsoft app-only), "
+        "https://mail.google.com/ (google); generic: none.",
+    )
+    mechanism: Literal["XOAUTH2", "OAUTHBEARER"] | None = Field(
+        None, description="Force a SASL mechanism. Default: OAUTHBEARER (RFC 7628) when offered, else XOAUTH2."
+    )
+    client_secret_ref: SecretKeyRef | None = Field(None, description="Secret key holding the client secret.")
+    client_certificate_ref: SecretKeyRef | None = Field(
+        None, description="microsoft: Secret key holding the app's PEM private key and certificate."
+    )
+    service_account_key_ref: SecretKeyRef | None = Field(
+        None, description="google: Secret key holding the service account key JSON."
+    )
+
+    @model_validator(mode="after")
+    def _complete(self) -> "OAuth2Settings":
+        if self.provider == "generic" and not self.token_url:
+            raise ValueError("provider generic needs tokenUrl")
+        if self.provider == "microsoft" and not self.tenant:
+            raise ValueError("provider microsoft needs tenant")
+        if not (self.client_secret_ref or self.client_certificate_ref or self.service_account_key_ref):
+            raise ValueError("oauth2 needs clientSecretRef, clientCertificateRef (microsoft) or serviceAccountKeyRef (google)")
+        if not self.client_id and not (self.provider == "google" and self.service_account_key_ref):
+            raise ValueError("oauth2 needs clientId (except google with a service account key)")
+        return self
 
 
 class TlsSettings(_Model):
@@ -289,7 +386,11 @@ class MailSelfcheckSpec(_Model):
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
-                {"rule": "self.timeout < self.interval", "message": "timeout must be smaller than interval"}
+                {"rule": "self.timeout < self.interval", "message": "timeout must be smaller than interval"},
+                {
+                    "rule": "(self.smtp.auth != 'oauth2' && self.imap.auth != 'oauth2') || has(self.oauth2)",
+                    "message": "oauth2 is required when smtp.auth or imap.auth is oauth2",
+                },
             ]
         }
     )
@@ -303,6 +404,7 @@ class MailSelfcheckSpec(_Model):
         None, description="Secret key holding the heartbeat URL POSTed after each successful check."
     )
     tls: TlsSettings | None = None
+    oauth2: OAuth2Settings | None = None
     interval: int = Field(
         int(DEFAULT_INTERVAL), ge=MIN_INTERVAL, le=7 * 86400, description="Seconds between two checks (>= 10)."
     )
@@ -325,6 +427,8 @@ class MailSelfcheckSpec(_Model):
     def _timeout_below_interval(self) -> "MailSelfcheckSpec":
         if not self.timeout < self.interval:
             raise ValueError("timeout must be smaller than interval")
+        if "oauth2" in (self.smtp.auth, self.imap.auth) and self.oauth2 is None:
+            raise ValueError("oauth2 is required when smtp.auth or imap.auth is oauth2")
         return self
 
 
@@ -381,6 +485,10 @@ class MailSelfcheckStatus(_Model):
     send_time: float | None = Field(None, description="Seconds from SMTP connect to the final 250 reply.")
     reception_time: float | None = Field(None, description="Seconds from the 250 reply to the message seen in IMAP.")
     consecutive_failures: int = Field(0, description="Failed checks since the last success.")
+    leftover_count: int | None = Field(
+        None, description="The probe's own messages the last check could not delete (null: it could not look)."
+    )
+    cleanup_warning: str | None = Field(None, description="Why the last check's cleanup left something behind.")
     active: JobReference | None = Field(None, description="The running Job, if any.")
     last_harvested_job: str | None = Field(None, description="Name of the last Job whose result was recorded.")
     history: list[HistoryEntry] | None = Field(

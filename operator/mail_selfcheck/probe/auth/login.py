@@ -15,7 +15,9 @@ bearer mechanism at all.
 
 from __future__ import annotations
 
+import os
 import smtplib
+import tempfile
 import time
 from typing import Any
 
@@ -47,8 +49,27 @@ def oauth2_config(settings: ProbeSettings) -> OAuth2Config:
         scope=settings.oauth2_scope,
         refresh_tokens={side: token for side, token in refresh.items() if token},
         service_account_json=value(settings.oauth2_service_account_json),
-        ca_file=str(settings.tls_ca_file) if settings.tls_ca_file else None,
+        ca_file=_ca_file(settings),
+        verify=not settings.tls_insecure_skip_verify,
     )
+
+
+_CA_FILES: dict[str, str] = {}
+
+
+def _ca_file(settings: ProbeSettings) -> str | None:
+    """The CA bundle of the TLS settings as a file (HTTP clients take a path): ``tls_ca_file``, or
+    ``tls_ca_pem`` (what a Job gets from a ConfigMap/Secret key) written once to a private temp file."""
+    if settings.tls_ca_file:
+        return str(settings.tls_ca_file)
+    if not settings.tls_ca_pem:
+        return None
+    if settings.tls_ca_pem not in _CA_FILES:
+        fd, path = tempfile.mkstemp(prefix="mail-selfcheck-ca-", suffix=".pem")
+        with os.fdopen(fd, "w") as f:
+            f.write(settings.tls_ca_pem)
+        _CA_FILES[settings.tls_ca_pem] = path
+    return _CA_FILES[settings.tls_ca_pem]
 
 
 #: Tokens of this process: (side, login) -> (token, monotonic expiry). A run fetches each side's

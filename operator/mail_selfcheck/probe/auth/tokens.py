@@ -53,7 +53,8 @@ class OAuth2Config:
     """How to obtain tokens (shared by both sides); credentials are plain strings held in memory only.
 
     ``refresh_tokens`` maps a side (``smtp``/``imap``) to its refresh token: FROM and TO are
-    often different accounts. ``ca_file``: CA bundle for the token endpoint (None: system CAs).
+    often different accounts. ``ca_file``: CA bundle for the token endpoint (None: system CAs);
+    ``verify`` False: no certificate verification (the probe's lab opt-in).
     """
 
     provider: Provider = "generic"
@@ -66,6 +67,7 @@ class OAuth2Config:
     refresh_tokens: dict[str, str] = field(default_factory=dict, repr=False)
     service_account_json: str | None = field(default=None, repr=False)
     ca_file: str | None = None
+    verify: bool = True
 
     def secrets(self) -> list[str]:
         """Every confidential value, for the redaction of logs and results."""
@@ -109,8 +111,7 @@ def fetch(config: OAuth2Config, side: Side, login: str, timeout: float, session:
     """
     deadline = time.monotonic() + timeout
     http = session or requests.Session()
-    if config.ca_file:
-        http.verify = config.ca_file
+    http.verify = config.ca_file if config.ca_file else config.verify
     fetcher = _FETCHERS[config.provider]
     for attempt in (1, 2):
         remaining = deadline - time.monotonic()

@@ -170,7 +170,10 @@ class Mailbox:
         try:
             client.login(s.imap_login, s.imap_password.get_secret_value() if s.imap_password else "")
         except LoginError as exc:
-            if "[UNAVAILABLE]" in str(exc).upper():  # RFC 5530 3: the auth backend failed, not the password
+            # RFC 5530 3 [UNAVAILABLE]: the auth backend failed, not the password; Courier says so in
+            # words only ("NO Temporary problem, please try again later").
+            reply = str(exc).upper()
+            if "[UNAVAILABLE]" in reply or "TEMPORARY PROBLEM" in reply or "TRY AGAIN LATER" in reply:
                 raise ProbeFailure(
                     "auth_temporary",
                     f"IMAP server {self.server} could not check the credentials of {s.imap_login} (temporary "
