@@ -2,8 +2,10 @@
 # Install the Debian packages the test suite and the demo need. Idempotent; run as root
 # (or with sudo available). Nothing here is needed by users of the operator itself.
 set -euo pipefail
-# prometheus: promtool, for the alert-rule tests (tests/cluster/test_alerts.py)
-pkgs=(postfix dovecot-imapd dovecot-lmtpd dovecot-sieve postgrey openssl ca-certificates procps buildah debootstrap prometheus)
+# prometheus: promtool, for the alert-rule tests (tests/cluster/test_alerts.py);
+# default-jre-headless: GreenMail of the server-matrix tier (hack/install-servers.sh)
+pkgs=(postfix dovecot-imapd dovecot-lmtpd dovecot-sieve postgrey openssl ca-certificates procps buildah debootstrap prometheus
+      default-jre-headless)
 # containerd, runc, CNI plugins, iproute2, util-linux (unshare/nsenter): the real node of
 # the node tier (tests/harness/node.py, hack/build-node.sh). Debian 12: containerd 1.6.20.
 pkgs+=(containerd runc containernetworking-plugins iproute2 util-linux)
