@@ -424,3 +424,22 @@ def test_starttls_accepted_then_clear_text_does_not_blame_the_port(stack, monkey
     assert not result.success and result.error_class == "smtp_tls", result.error
     assert "WRONG_VERSION_NUMBER after the server accepted STARTTLS" in result.error
     assert "wrong port" not in result.error
+
+
+def test_smtp_auth_none_submits_to_an_mx_port_without_auth(stack, monkeypatch) -> None:
+    """MESSAGES_SELFCHECK_SMTP_AUTH=none: no AUTH at all (an MX port 25, a relay by IP), no SMTP password needed."""
+    env = _env(stack, smtp_security="plain", MESSAGES_SELFCHECK_SMTP_PORT=str(stack.smtp_port),
+               MESSAGES_SELFCHECK_SMTP_AUTH="none")
+    env.pop("MESSAGES_SELFCHECK_SMTP_PASSWORD")
+    result = _run(monkeypatch, env)
+    assert result.success, result
+    assert not stack.messages("receiver"), "the probe message was not deleted"
+
+
+def test_smtp_auth_none_still_requires_starttls_when_asked(stack, monkeypatch) -> None:
+    """STARTTLS rules stay as they are with auth none: starttls on a port without it is refused."""
+    env = _env(stack, smtp_security="starttls", MESSAGES_SELFCHECK_SMTP_PORT=str(stack.submission_notls_port),
+               MESSAGES_SELFCHECK_SMTP_AUTH="none")
+    env.pop("MESSAGES_SELFCHECK_SMTP_PASSWORD")
+    result = _run(monkeypatch, env)
+    assert result.error_class == "smtp_tls" and "does not offer STARTTLS" in result.error, result
