@@ -39,6 +39,34 @@ ErrorClass = Literal[
 ]
 
 
+class TlsFacts(BaseModel):
+    """What the TLS handshake with one server showed (issue 12): for certificate-expiry alerts.
+
+    ``not_after``: the earliest ``notAfter`` of the certificate chain the server sent, Unix
+    seconds (blackbox_exporter's ``probe_ssl_earliest_cert_expiry``); ``hostname_matched``:
+    whether the leaf certificate names the host (RFC 6125), also when verification is off.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    version: str | None = Field(default=None, description="Negotiated protocol, e.g. TLSv1.3.")
+    cipher: str | None = Field(default=None, description="Negotiated cipher suite.")
+    not_after: float | None = Field(default=None, description="Earliest notAfter of the chain, Unix seconds.")
+    hostname_matched: bool | None = None
+
+
+class WebhookOutcome(BaseModel):
+    """What became of the heartbeat (issue 12). ``kind``: the heartbeat service's API; ``signal``:
+    ``success`` | ``failure`` | ``start``; ``error``: why it was not delivered (never the URL)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    kind: str = "generic"
+    signal: str = "success"
+    sent: bool = False
+    error: str | None = None
+
+
 class ProbeResult(BaseModel):
     """Outcome of one selfcheck.
 
@@ -74,6 +102,13 @@ class ProbeResult(BaseModel):
     token_time: float | None = Field(
         default=None, description="Seconds spent obtaining OAuth2 access tokens (oauth2 only), before anything is timed."
     )
+    timings: dict[str, float] | None = Field(
+        default=None,
+        description="Seconds per step: imap_connect (TCP+TLS), imap_login, smtp_connect, smtp_tls, smtp_auth, "
+        "smtp_transaction (MAIL..DATA), first_sight, fetch_verify, cleanup.",
+    )
+    tls: dict[str, TlsFacts] | None = Field(default=None, description="TLS facts per endpoint: smtp, imap.")
+    webhook: WebhookOutcome | None = Field(default=None, description="The heartbeat's outcome, when one is configured.")
 
     def to_json(self) -> str:
         """Serialise to one compact JSON line of at most :data:`MAX_RESULT_BYTES` bytes.
