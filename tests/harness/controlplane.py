@@ -40,7 +40,9 @@ Run (``up`` / ``down`` / ``env``)
     then waits for ``/readyz`` and for the ``default`` service account, and writes an admin
     kubeconfig. Every process's PID is recorded in ``state.json`` in the run directory;
     :meth:`ControlPlane.stop` (and ``down``) terminates them by PID (SIGTERM, then SIGKILL).
-    The kubelet is replaced by :mod:`tests.harness.nodeagent` (see there).
+    The kubelet is replaced by :mod:`tests.harness.nodeagent` (see there); the ``node`` tier
+    adds kube-scheduler and a real kubelet + containerd instead (:mod:`tests.harness.node`,
+    with ``node_agent=False``).
 
 CLI::
 

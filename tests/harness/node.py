@@ -48,9 +48,19 @@ a static ``pause`` binary (Go) and its image, the app image (``hack/build-image.
 (``~/.cache/mail-selfcheck``): ``k8s-node-v1.35.4/``, ``k8s-scheduler-v1.36.3/``,
 ``pause-1/``, ``node-images/<name>-<image id>.tar``. Idempotent; a second call builds nothing.
 
-Run: ``Node(cp, run_dir).start()`` / ``.stop()`` (or ``with``); logs in ``run_dir``:
-``containerd.log``, ``kubelet.log``, ``kube-scheduler.log``, ``forward*.log``. A start failure
-raises :class:`NodeError` with the tails of every component's log.
+The app image is rebuilt from the working tree on every build (warm, nothing changed: ~45 s,
+buildah's vfs storage; after a source change ~100-150 s); ``MAIL_SELFCHECK_NODE_IMAGE_BUILD=0``
+reuses the image already in the buildah storage (local iteration only).
+
+Run: ``Node(cp, run_dir, binaries=build_node()).start()`` / ``.stop()`` (or ``with``); logs
+in ``run_dir``: ``containerd.log``, ``kubelet.log``, ``kube-scheduler.log``, ``forward*.log``.
+A start failure raises :class:`NodeError` with the tails of every component's log. Each
+running node is recorded in ``$MAIL_SELFCHECK_CACHE/node-runs/``; a node whose owner died
+(SIGKILL) is torn down by the next start (or ``python -m tests.harness.node cleanup``): its
+pod processes (by cgroup), shims (by mount-namespace inode), namespaces, cgroups, runc state.
+
+By hand: ``python -m tests.harness.node up`` runs control plane + scheduler + node in the
+foreground and prints ``export KUBECONFIG=...``; Ctrl-C stops everything.
 """
 
 from __future__ import annotations
@@ -848,7 +858,40 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build (or find) the control plane, node binaries, images")
     b.add_argument("--no-images", action="store_true", help="binaries only")
+    u = sub.add_parser("up", help="build, then run a control plane + scheduler + this node in "
+                                  "the foreground until Ctrl-C / SIGTERM (then stop everything)")
+    u.add_argument("--run-dir", default=str(cache_root() / "node-run"),
+                   help="logs and state (default: %(default)s; emptied first)")
+    sub.add_parser("cleanup", help="tear down nodes left by killed runs")
     args = parser.parse_args(argv)
+    if args.cmd == "cleanup":
+        print(f"cleaned up {cleanup_stale()} stale node(s)")
+        return 0
+    if args.cmd == "up":
+        nb = build_node()
+        run = Path(args.run_dir)
+        shutil.rmtree(run, ignore_errors=True)
+        cp = ControlPlane(cpmod.build_all(), run / "cp", node_agent=False)
+        node = Node(cp, run / "node", binaries=nb)
+
+        def _term(*_):
+            raise KeyboardInterrupt
+        signal.signal(signal.SIGTERM, _term)
+        try:
+            cp.start()
+            node.start()
+            print(f"export KUBECONFIG={cp.kubeconfig}\n"
+                  f'export PATH="{cp.kubectl_bin.parent}:{cp.helm_bin.parent}:$PATH"\n'
+                  f"# node netns: nsenter --net={node.netns} ...; logs in {run}; Ctrl-C stops",
+                  flush=True)
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            node.stop()
+            cp.stop()
+        return 0
     if args.cmd == "build":
         t0 = time.monotonic()
         cpmod.build_all()

@@ -45,7 +45,11 @@ def test_default_install_runs_the_operator_pod_from_the_image(node_cluster, oper
                      "import os\ntry:\n open('/probe-ro','w')\nexcept OSError as e:\n r=e.errno\n"
                      "print(os.getuid(), os.getgid(), r)").stdout.split()
     assert out == [str(UID), str(UID), "30"], out  # 30 = EROFS
-    assert "operator" in operator.logs().lower() or operator.logs().strip(), "kubectl logs"
+    # kubectl logs: the API server -> the kubelet (through the node's forwarder) -> the file
+    # the container runtime wrote.
+    logs = wait_until(lambda: (t := operator.logs()) and "metrics on :9090/metrics" in t and t,
+                      30, "the operator's start-up lines in kubectl logs", diag=operator.diag)
+    assert "metrics on :9090/metrics" in logs
     # /metrics through the pod IP (inside the node's network).
     assert "# TYPE" in metrics_via_pod_ip(node_cluster, pod)
     # The liveness probe (initialDelay 10 s, every 20 s) passes: after two periods the
