@@ -50,6 +50,8 @@ def run_probe(settings: ProbeSettings) -> ProbeResult:
     secret = settings.secret.get_secret_value()
     token, nonce = make_token(secret)
     fields: dict = {"success": False}
+    timings: dict[str, float] = {}  # seconds per step (ProbeResult.timings)
+    tls: dict = {}  # endpoint -> TlsFacts
     mailbox = Mailbox(settings)
     sent = None
     try:
@@ -64,6 +66,8 @@ def run_probe(settings: ProbeSettings) -> ProbeResult:
         fields["message_id"] = message.message_id
         sent = smtp.send(settings, message, deadline)
         fields.update(send_time=round(sent.send_time, 3), smtp_reply=sent.reply, sent_at=sent.sent_at_epoch)
+        timings.update(sent.timings)
+        tls["smtp"] = sent.tls
         log.debug("message_sent", send_time=sent.send_time, attempts=sent.attempts, reply=sent.reply, nonce=nonce[:8])
         found = mailbox.wait_for(nonce, deadline)
         fields["folder"] = found.folder
@@ -75,7 +79,9 @@ def run_probe(settings: ProbeSettings) -> ProbeResult:
                 f"after {waited:.3f} seconds",
             )
         fields["reception_time"] = round(waited, 3)
+        timings["first_sight"] = round(waited, 4)
         log.debug("message_received", folder=found.folder, uid=found.uid, reception_time=waited)
+        fetch_started = time.monotonic()
         raw = mailbox.fetch(found, max(deadline, time.monotonic() + 2.0), nonce)
         try:
             verify_message(
@@ -88,6 +94,8 @@ def run_probe(settings: ProbeSettings) -> ProbeResult:
             )
         except IntegrityError as exc:
             raise ProbeFailure("integrity", f"integrity check failed: {exc}") from None
+        finally:
+            timings["fetch_verify"] = round(time.monotonic() - fetch_started, 4)
         fields["success"] = True
     except ProbeFailure as failure:
         fields.update(error=str(failure), error_class=failure.error_class)
@@ -99,14 +107,29 @@ def run_probe(settings: ProbeSettings) -> ProbeResult:
         log.debug("probe_internal_error", exc_info=True)
         fields.update(error=f"internal error: {type(exc).__name__}: {exc}", error_class="internal")
     finally:
+        cleanup_started = time.monotonic()
+        timings.update({k: v for k, v in mailbox.timings.items() if k not in timings})
+        tls["imap"] = mailbox.tls
         report = _cleanup(settings, mailbox, nonce, secret, sent is not None, fields.get("message_id"))
+        timings["cleanup"] = round(time.monotonic() - cleanup_started, 4)
         fields["cleanup_warning"] = report.warning
         fields["leftover_count"] = report.leftover_count
+        fields["timings"] = _ordered(timings)
+        fields["tls"] = {side: value for side, value in tls.items() if value is not None} or None
     fields["duration"] = round(time.monotonic() - started, 3)
     secrets = settings.secret_values() + [token]
     for key in ("error", "smtp_reply", "cleanup_warning"):
         fields[key] = redact(fields.get(key), secrets)
     return ProbeResult(**fields)
+
+
+#: Order of the steps in ``ProbeResult.timings`` (the order they run in).
+STEPS = ("imap_connect", "imap_login", "smtp_connect", "smtp_tls", "smtp_auth", "smtp_transaction", "first_sight",
+         "fetch_verify", "cleanup")
+
+
+def _ordered(timings: dict[str, float]) -> dict[str, float]:
+    return {step: timings[step] for step in STEPS if step in timings}
 
 
 def _cleanup(

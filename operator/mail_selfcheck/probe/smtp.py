@@ -12,14 +12,15 @@ from __future__ import annotations
 import smtplib
 import ssl
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tenacity import RetryError, Retrying, retry_if_exception, stop_before_delay, wait_exponential
 
 from ..models.settings import ProbeSettings
 from .errors import ProbeFailure, describe_oserror, describe_starttls_error
 from .message import SentMessage
-from .tls import client_context
+from ..models.result import TlsFacts
+from .tls import client_context, facts
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,11 @@ class SendOutcome:
     attempts: int
     sent_at: float
     sent_at_epoch: float
+    #: Seconds per step of the last attempt: ``smtp_connect`` (TCP, greeting; the handshake too
+    #: with implicit TLS), ``smtp_tls`` (STARTTLS), ``smtp_auth``, ``smtp_transaction`` (MAIL..DATA).
+    timings: dict[str, float] = field(default_factory=dict)
+    #: The TLS facts of the session (None without TLS).
+    tls: TlsFacts | None = None
 
 
 class _Deferred(Exception):
@@ -86,13 +92,28 @@ def _connect(settings: ProbeSettings, timeout: float) -> smtplib.SMTP:
         raise ProbeFailure("smtp_connect", f"SMTP server {_server(settings)} unreachable: {describe_oserror(exc)}") from exc
 
 
-def _transaction(settings: ProbeSettings, message: SentMessage, deadline: float) -> str:
-    """One SMTP session: connect, (STARTTLS), AUTH, MAIL, RCPT, DATA. Returns the final reply."""
+def _transaction(settings: ProbeSettings, message: SentMessage, deadline: float, session: dict) -> str:
+    """One SMTP session: connect, (STARTTLS), AUTH, MAIL, RCPT, DATA. Returns the final reply.
+
+    ``session`` receives ``timings`` (seconds per step) and ``tls`` (:class:`TlsFacts`).
+    """
     server = _server(settings)
     timeout = max(0.5, deadline - time.monotonic())
+    timings: dict[str, float] = {}
+    session.clear()
+    session["timings"] = timings
+    mark = time.monotonic()
+
+    def lap(step: str) -> None:
+        nonlocal mark
+        now = time.monotonic()
+        timings[step] = round(now - mark, 4)
+        mark = now
+
     smtp = _connect(settings, timeout)
     try:
         smtp.ehlo()
+        lap("smtp_connect")
         if settings.smtp_security == "starttls":
             if not smtp.has_extn("starttls"):
                 raise ProbeFailure(
@@ -105,19 +126,24 @@ def _transaction(settings: ProbeSettings, message: SentMessage, deadline: float)
             except ssl.SSLError as exc:
                 raise ProbeFailure("smtp_tls", f"TLS error with SMTP server {server}: {describe_starttls_error(exc)}") from exc
             smtp.ehlo()
+            lap("smtp_tls")
+        session["tls"] = facts(smtp.sock, settings.smtp_host)
         if settings.smtp_auth == "oauth2":
             from .auth.login import access_token, smtp_oauth2
 
             token = access_token(settings, "smtp", settings.smtp_login, deadline)
             smtp_oauth2(smtp, settings.smtp_login, token, host=settings.smtp_host, port=settings.smtp_port_effective,
                         server=server, forced=settings.oauth2_mechanism)
+            lap("smtp_auth")
         elif settings.smtp_auth == "password" and settings.smtp_password is not None:
             _authenticate(smtp, settings, server)
+            lap("smtp_auth")
         for step, args in (("MAIL FROM", (message.from_address,)), ("RCPT TO", (message.to_address,))):
             code, text = (smtp.mail if step == "MAIL FROM" else smtp.rcpt)(*args)
             _check(code, text, f"{step}:<{args[0]}>", server)
         code, text = smtp.data(message.raw)
         _check(code, text, "DATA", server)
+        lap("smtp_transaction")
         return _reply(code, text)
     except smtplib.SMTPServerDisconnected as exc:
         raise ProbeFailure("smtp_connect", f"SMTP server {server} closed the connection: {exc}") from exc
@@ -212,6 +238,7 @@ def send(settings: ProbeSettings, message: SentMessage, deadline: float) -> Send
     """
     started = time.monotonic()
     attempts = 0
+    session: dict = {}
     retrying = Retrying(
         retry=retry_if_exception(lambda exc: isinstance(exc, _Deferred)),
         wait=wait_exponential(multiplier=1, min=1, max=30),
@@ -222,7 +249,7 @@ def send(settings: ProbeSettings, message: SentMessage, deadline: float) -> Send
         for attempt in retrying:
             with attempt:
                 attempts += 1
-                reply = _transaction(settings, message, deadline)
+                reply = _transaction(settings, message, deadline, session)
     except RetryError as exc:
         last = exc.last_attempt.exception()
         reply = getattr(last, "reply", str(last))
@@ -232,7 +259,8 @@ def send(settings: ProbeSettings, message: SentMessage, deadline: float) -> Send
             smtp_reply=reply,
         ) from None
     sent_at, sent_at_epoch = time.monotonic(), time.time()
-    return SendOutcome(send_time=sent_at - started, reply=reply, attempts=attempts, sent_at=sent_at, sent_at_epoch=sent_at_epoch)
+    return SendOutcome(send_time=sent_at - started, reply=reply, attempts=attempts, sent_at=sent_at,
+                       sent_at_epoch=sent_at_epoch, timings=session.get("timings") or {}, tls=session.get("tls"))
 
 
 __all__ = ["SendOutcome", "send"]

@@ -1,9 +1,12 @@
-"""TLS client context shared by SMTP and IMAP (RFC 8314 for implicit TLS, RFC 3207 / RFC 3501 for STARTTLS)."""
+"""TLS for SMTP and IMAP: the client context (RFC 8314 for implicit TLS, RFC 3207 / RFC 3501 for
+STARTTLS) and the facts of each handshake (protocol, cipher, earliest certificate expiry, host
+name match: RFC 6125), reported every run for certificate-expiry alerts."""
 
 from __future__ import annotations
 
 import ssl
 
+from ..models.result import TlsFacts
 from ..models.settings import ProbeSettings
 
 
@@ -27,3 +30,68 @@ def client_context(settings: ProbeSettings) -> ssl.SSLContext:
             cafile=str(settings.tls_ca_file) if settings.tls_ca_file else None, cadata=settings.tls_ca_pem
         )
     return ssl.create_default_context()
+
+
+def _chain_info(sock: ssl.SSLSocket) -> list[dict]:
+    """The decoded certificates the server sent (leaf first). The chain accessors of the
+    ``_ssl`` object are private before Python 3.13 (public there as ``get_verified_chain`` /
+    ``get_unverified_chain``); without them, the leaf alone."""
+    sslobj = getattr(sock, "_sslobj", None)
+    for name in ("get_verified_chain", "get_unverified_chain"):
+        getter = getattr(sock, name, None) or getattr(sslobj, name, None)
+        if getter is None:
+            continue
+        try:
+            chain = getter() or []
+        except (ssl.SSLError, ValueError):
+            continue
+        infos = [c.get_info() for c in chain if hasattr(c, "get_info")]
+        if infos:
+            return infos
+    leaf = sock.getpeercert()
+    return [leaf] if leaf else []
+
+
+def hostname_matches(cert: dict, host: str) -> bool:
+    """Whether the certificate ``cert`` (``getpeercert()`` form) names ``host``: an IP address
+    against its ``IP Address`` entries, a DNS name against its ``DNS`` entries (one leftmost
+    ``*`` label matches one label), the subject CN only without DNS entries (RFC 6125 6.4)."""
+    import ipaddress
+
+    host = host.rstrip(".").lower()
+    san = cert.get("subjectAltName") or ()
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        ip = None
+    if ip is not None:
+        return any(kind == "IP Address" and ipaddress.ip_address(value.strip()) == ip for kind, value in san)
+    names = [value.lower() for kind, value in san if kind == "DNS"]
+    if not names:
+        names = [value.lower() for rdn in cert.get("subject", ()) for key, value in rdn if key == "commonName"]
+    for name in names:
+        if name == host:
+            return True
+        if name.startswith("*.") and "." in host and host.split(".", 1)[1] == name[2:]:
+            return True
+    return False
+
+
+def facts(sock: object, host: str) -> TlsFacts | None:
+    """The :class:`TlsFacts` of an established TLS socket (None for a plain socket).
+
+    ``not_after`` is the earliest ``notAfter`` over the chain the server sent (Unix seconds),
+    like blackbox_exporter's ``probe_ssl_earliest_cert_expiry``. With verification off the
+    certificates are decoded all the same (the chain accessors do not need verification).
+    """
+    if not isinstance(sock, ssl.SSLSocket):
+        return None
+    cipher = sock.cipher()
+    infos = _chain_info(sock)
+    expiries = [ssl.cert_time_to_seconds(i["notAfter"]) for i in infos if i.get("notAfter")]
+    return TlsFacts(
+        version=sock.version(),
+        cipher=cipher[0] if cipher else None,
+        not_after=float(min(expiries)) if expiries else None,
+        hostname_matched=hostname_matches(infos[0], host) if infos else None,
+    )

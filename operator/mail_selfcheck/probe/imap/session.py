@@ -26,9 +26,11 @@ from imapclient.exceptions import IMAPClientError, LoginError
 from imapclient.imap4 import IMAP4WithTimeout
 from imapclient.imapclient import SocketTimeout, _parse_untagged_response
 
+from ...models.result import TlsFacts
 from ...models.settings import ProbeSettings
 from ..errors import ProbeFailure, describe_oserror, describe_starttls_error
 from ..tls import client_context
+from ..tls import facts as tls_facts
 from . import cleanup as _cleanup
 from . import detect as _detect
 from .folders import Folders, classify
@@ -113,6 +115,10 @@ class Mailbox:
         self.ready = False  # logged in and the folder selected
         self.reconnects = 0
         self._tcp_was_up = False
+        #: Seconds of the first connection's steps: imap_connect (TCP, greeting, TLS), imap_login.
+        self.timings: dict[str, float] = {}
+        #: TLS facts of the first connection (None without TLS).
+        self.tls: TlsFacts | None = None
 
     # -- connection --------------------------------------------------------------------------
     def fail_network(self, exc: BaseException, what: str) -> ProbeFailure:
@@ -130,6 +136,7 @@ class Mailbox:
         s = self.settings
         greeting = max(0.5, min(GREETING_TIMEOUT, deadline - time.monotonic()))
         client = None
+        started = time.monotonic()
         try:
             client = _Client(
                 s.imap_host,
@@ -157,6 +164,10 @@ class Mailbox:
             raise ProbeFailure(
                 "imap_tls", f"IMAP server {self.server} refused STARTTLS: {exc}; refusing to log in in clear text"
             ) from exc
+        connected = time.monotonic()
+        if not self.timings:
+            self.timings["imap_connect"] = round(connected - started, 4)
+            self.tls = tls_facts(client.socket(), s.imap_host)
         if s.imap_auth == "oauth2":
             from ..auth.login import access_token, imap_oauth2
 
@@ -166,6 +177,7 @@ class Mailbox:
                             server=self.server, forced=s.oauth2_mechanism)
             except (OSError, socket.timeout) as exc:
                 raise self.fail_network(exc, "mailbox unavailable: login failed at") from exc
+            self.timings.setdefault("imap_login", round(time.monotonic() - connected, 4))
             return
         try:
             client.login(s.imap_login, s.imap_password.get_secret_value() if s.imap_password else "")
@@ -192,6 +204,7 @@ class Mailbox:
             ) from exc
         except (OSError, IMAPClientError) as exc:
             raise self.fail_network(exc, "mailbox unavailable: login failed at") from exc
+        self.timings.setdefault("imap_login", round(time.monotonic() - connected, 4))
 
     def _connect_failure(self, exc: BaseException, greeting: float) -> ProbeFailure:
         timed_out = isinstance(exc, (socket.timeout, TimeoutError))
