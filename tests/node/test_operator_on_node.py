@@ -10,7 +10,10 @@ their probe Job pods as real containers against the real Postfix + Dovecot.
 
 from __future__ import annotations
 
+import http.server
 import json
+import os
+import threading
 import time
 
 import pytest
@@ -62,13 +65,47 @@ def test_default_install_runs_the_operator_pod_from_the_image(node_cluster, oper
     assert not unhealthy, unhealthy
 
 
+class Webhook:
+    """A heartbeat receiver on the host's 127.0.0.1, reached by probe pods through the node's
+    forwarder at ``node.ip``."""
+
+    def __init__(self, node) -> None:
+        self.hits: list[str] = []
+        hits = self.hits
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                hits.append(self.path)
+                self.send_response(200)
+                self.end_headers()
+
+            do_GET = do_POST  # noqa: N815
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://{node.expose(port)}:{port}/heartbeat/tok-{os.urandom(4).hex()}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
 def test_check_succeeds_with_the_probe_job_as_a_real_container(node_cluster, operator,
                                                                  node_mail, node_namespace):
     cp, ns = node_cluster.cp, node_namespace
     env = pod_env(node_mail)
     mail_objects(cp, ns, env)
+    hook = Webhook(node_cluster.node)
+    cp.kubectl("-n", ns, "patch", "secret", "mail", "--type=merge",
+               "-p", json.dumps({"stringData": {"webhook": hook.url}}))
+    body = selfcheck(env)
+    body["spec"]["webhookUrlSecretRef"] = {"name": "mail", "key": "webhook"}
     t0 = time.monotonic()
-    apply(cp, ns, selfcheck(env))
+    apply(cp, ns, body)
     st = wait_until(lambda: (s := status(cp, ns, "demo")).get("success") is not None and s, 120,
                     "the first check's result", diag=operator.diag)
     first = time.monotonic() - t0
@@ -90,6 +127,14 @@ def test_check_succeeds_with_the_probe_job_as_a_real_container(node_cluster, ope
     assert p["status"]["containerStatuses"][0]["containerID"].startswith("containerd://")
     result = json.loads(term["message"])  # written by the probe, read by the kubelet
     assert result.get("success") is True, result
+    wait_until(lambda: hook.hits, 10, "the heartbeat webhook from the probe pod")
+    hook.close()
+    # The operator's own view, scraped through its pod IP; its Events carry its pod name
+    # (POD_NAME from the downward API, resolved by the kubelet).
+    text = metrics_via_pod_ip(node_cluster, operator.pod)
+    assert f'mail_selfcheck_success{{name="demo",namespace="{ns}"}} 1.0' in text
+    ev = [e for e in get(cp, ns, "events")["items"] if e["reason"] == "CheckSucceeded"]
+    assert ev and ev[0]["reportingInstance"] == operator.pod["metadata"]["name"], ev
 
 
 def test_missing_secret_key_shows_the_kubelets_message(node_cluster, operator, node_mail,
