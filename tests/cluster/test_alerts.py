@@ -4,7 +4,7 @@ The PrometheusRule is rendered by ``helm template`` with the default alert value
 ``spec.groups`` become a Prometheus rule file, and each alert is driven through a scenario
 with the series ``controller/metrics.py`` exposes: firing only after its ``for:``, with the
 resource's labels; never for a suspended MailSelfcheck; "no recent success" also for a check
-that never succeeded (counted from the resource's creation); OperatorDown with its ``job`` and
+that never succeeded; a certificate that expires within 14 days (counted from the resource's creation); OperatorDown with its ``job`` and
 ``namespace`` labels when the target is down and when it is gone. Annotations are checked
 apart (every alert has a ``runbook_url``), and removed from the file given to promtool so the
 scenarios state labels only. promtool is Debian's (package ``prometheus``, 2.42).
@@ -77,6 +77,12 @@ TESTS = [
     # Slow reception: above 60 s for 15m.
     _alert([(f"mail_selfcheck_last_reception_time_seconds{{{R}}}", "90x30"), (f"mail_selfcheck_suspended{{{R}}}", "0x30")],
            [("10m", "MailSelfcheckSlowReception", []), ("20m", "MailSelfcheckSlowReception", [sev("warning")])]),
+    # Certificate expiring: 10 days left (< 14) for 1h, with the endpoint label; 30 days left: nothing.
+    _alert([(f'mail_selfcheck_tls_cert_expiry_timestamp_seconds{{{R},endpoint="imap"}}', "864000x100"),
+            (f'mail_selfcheck_tls_cert_expiry_timestamp_seconds{{{R},endpoint="smtp"}}', "2592000x100"),
+            (f"mail_selfcheck_suspended{{{R}}}", "0x100")],
+           [("30m", "MailSelfcheckCertificateExpiring", []),
+            ("70m", "MailSelfcheckCertificateExpiring", [sev("warning", endpoint="imap")])]),
     # Operator down: the target answers no more (up == 0) keeps its labels ...
     _alert([(f'up{{job="{JOB}",namespace="ops",instance="10.0.0.1:9090"}}', "1 0x20")],
            [("5m", "MailSelfcheckOperatorDown", []),
@@ -93,7 +99,8 @@ def test_alerts_fire_as_documented(control_plane, tmp_path):
     groups = _rules(control_plane, tmp_path)
     alerts = [r for g in groups for r in g["rules"] if "alert" in r]
     assert {a["alert"] for a in alerts} == {"MailSelfcheckFailing", "MailSelfcheckNoRecentSuccess",
-                                            "MailSelfcheckSlowReception", "MailSelfcheckOperatorDown"}
+                                            "MailSelfcheckSlowReception", "MailSelfcheckCertificateExpiring",
+                                            "MailSelfcheckOperatorDown"}
     for alert in alerts:
         assert alert.get("for"), f"{alert['alert']} has no for: (no pending state)"
         assert alert["annotations"]["runbook_url"].startswith("https://"), alert["alert"]

@@ -153,6 +153,8 @@ def _exposed_metric_names() -> set[str]:
                     consecutive_failures=1, timestamp=1.0)
     metrics.observe("ns", "n", success=True, error_class=None, send_time=0.1, reception_time=1.0,
                     consecutive_failures=0, timestamp=2.0)
+    metrics.observe_details("ns", "n", timings={"imap_connect": 0.01}, tls={"smtp": {"not_after": 3.0}},
+                            webhook_failed=True)
     text = generate_latest(registry).decode()
     return {m.group(1) for m in re.finditer(r"^(mail_selfcheck_\w+)[{ ]", text, re.M)}
 
@@ -345,7 +347,8 @@ def test_template_optional_value_sets(control_plane, tmp_path, name):
         rule = _one(docs, "PrometheusRule")
         (group,) = rule["spec"]["groups"]
         alerts = {r["alert"]: r for r in group["rules"] if "alert" in r}
-        expected = {"MailSelfcheckFailing", "MailSelfcheckNoRecentSuccess", "MailSelfcheckSlowReception"}
+        expected = {"MailSelfcheckFailing", "MailSelfcheckNoRecentSuccess", "MailSelfcheckSlowReception",
+                    "MailSelfcheckCertificateExpiring"}
         if service_on and rule_values.get("operatorDown", {}).get("enabled", True):
             expected.add("MailSelfcheckOperatorDown")
             svc_name = _one(docs, "Service")["metadata"]["name"]

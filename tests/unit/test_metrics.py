@@ -54,3 +54,17 @@ def test_leftover_messages_follow_the_last_check():
     m.observe("ns", "a", success=True, error_class=None, send_time=0.1, reception_time=0.2, consecutive_failures=0,
               timestamp=2.0, leftover_count=None)
     assert "mail_selfcheck_leftover_messages{" not in _text(m), "unknown is absent, not a stale count"
+
+
+def test_certificate_expiry_step_histogram_and_webhook_failures():
+    m = Metrics(CollectorRegistry())
+    m.observe_details("ns", "a", timings={"imap_connect": 0.004, "cleanup": 0.03},
+                      tls={"smtp": {"not_after": 1767225600.0}, "imap": {"not_after": 1767312000.0}}, webhook_failed=True)
+    text = _text(m)
+    assert 'mail_selfcheck_tls_cert_expiry_timestamp_seconds{endpoint="smtp",name="a",namespace="ns"} 1.7672256e+09' in text
+    assert 'mail_selfcheck_step_duration_seconds_bucket{le="0.005",name="a",namespace="ns",step="imap_connect"} 1.0' in text
+    assert 'mail_selfcheck_webhook_failures_total{name="a",namespace="ns"} 1.0' in text
+    m.observe_details("ns", "a", timings=None, tls={"imap": {"not_after": 1767312000.0}}, webhook_failed=False)
+    assert 'endpoint="smtp"' not in _text(m), "an endpoint without TLS this time loses its expiry"
+    m.forget("ns", "a")
+    assert 'name="a"' not in _text(m)

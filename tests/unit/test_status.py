@@ -79,3 +79,21 @@ def test_suspend_and_resume_set_ready_unknown_once():
     resumed = suspended_patch(patch["status"], suspended=False, generation=4, now=now)
     assert resumed["status"]["conditions"][0]["reason"] == "Pending"
     assert suspended_patch(ok, suspended=False, generation=1, now=now) is None
+
+
+def test_tls_timings_and_heartbeat_reach_status_and_events():
+    from mail_selfcheck.controller.status import heartbeat_transition
+
+    now = dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)
+    outcome = Outcome(success=True, send_time=0.1, reception_time=0.2, timings={"imap_connect": 0.02},
+                      tls={"smtp": {"version": "TLSv1.3", "cipher": "X", "not_after": 1767225600.0, "hostname_matched": True}},
+                      webhook={"kind": "healthchecks", "signal": "success", "sent": False, "error": "HTTP 500"})
+    patch, _ = harvest_patch({}, outcome=outcome, job_name="j", schedule_time=None, generation=1, now=now)
+    st = patch["status"]
+    assert st["tls"]["smtp"] == {"version": "TLSv1.3", "cipher": "X", "hostnameMatched": True, "notAfter": "2026-01-01T00:00:00Z"}
+    assert st["timings"] == {"imap_connect": 0.02}
+    assert st["webhook"] == {"kind": "healthchecks", "signal": "success", "sent": False, "error": "HTTP 500"}
+    event = heartbeat_transition({}, outcome)
+    assert event.type == "Warning" and event.reason == "HeartbeatFailing" and "HTTP 500" in event.message
+    assert heartbeat_transition({"webhook": {"sent": False}}, outcome) is None, "one Event when it starts failing"
+    assert heartbeat_transition({}, Outcome(success=True, webhook={"sent": True})) is None

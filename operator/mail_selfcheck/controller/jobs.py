@@ -269,6 +269,11 @@ class Outcome:
     reception_time: float | None = None
     leftover_count: int | None = None
     cleanup_warning: str | None = None
+    timings: dict[str, float] | None = None
+    #: endpoint -> {version, cipher, not_after (Unix seconds), hostname_matched}
+    tls: dict[str, dict[str, Any]] | None = None
+    #: {kind, signal, sent, error}
+    webhook: dict[str, Any] | None = None
 
     @classmethod
     def from_result(cls, result: ProbeResult) -> "Outcome":
@@ -280,6 +285,9 @@ class Outcome:
             reception_time=result.reception_time,
             leftover_count=result.leftover_count,
             cleanup_warning=result.cleanup_warning,
+            timings=result.timings,
+            tls={k: v.model_dump() for k, v in result.tls.items()} if result.tls else None,
+            webhook=result.webhook.model_dump() if result.webhook else None,
         )
 
     @classmethod

@@ -14,6 +14,10 @@ Series (times in seconds, timestamps in Unix seconds):
 * ``mail_selfcheck_last_success_timestamp_seconds``; ``mail_selfcheck_creation_timestamp_seconds``
   (the resource's ``metadata.creationTimestamp``: "no success since" for a check that never
   succeeded);
+* ``mail_selfcheck_tls_cert_expiry_timestamp_seconds{endpoint="smtp"|"imap"}``: earliest
+  certificate expiry of the last check's handshake (blackbox_exporter's
+  ``probe_ssl_earliest_cert_expiry``); ``mail_selfcheck_step_duration_seconds{step}``: a
+  histogram per step; ``mail_selfcheck_webhook_failures_total``: heartbeats not delivered;
 * ``mail_selfcheck_leftover_messages``: the probe's own messages the last check left (could not delete);
 * ``mail_selfcheck_consecutive_failures``; ``mail_selfcheck_interval_seconds``;
   ``mail_selfcheck_suspended`` (1 while ``spec.suspend``: the alerts leave it alone).
@@ -90,6 +94,20 @@ class Metrics:
             "mail_selfcheck_interval_seconds", "Configured seconds between checks (spec.interval).", _LABELS,
             registry=registry,
         )
+        self.cert_expiry = Gauge(
+            "mail_selfcheck_tls_cert_expiry_timestamp_seconds",
+            "Earliest certificate expiry (notAfter) of the chain the server sent in the last check, Unix seconds.",
+            (*_LABELS, "endpoint"), registry=registry,
+        )
+        self.steps = Histogram(
+            "mail_selfcheck_step_duration_seconds", "Seconds per step of a check (imap_connect ... cleanup).",
+            (*_LABELS, "step"), buckets=BUCKETS, registry=registry,
+        )
+        self.webhook_failures = Counter(
+            "mail_selfcheck_webhook_failures", "Heartbeats that could not be delivered.", _LABELS, registry=registry
+        )
+        self._steps_seen: dict[tuple[str, str], set[str]] = {}
+        self._endpoints_seen: dict[tuple[str, str], set[str]] = {}
         self.leftovers = Gauge(
             "mail_selfcheck_leftover_messages",
             "The probe's own messages the last check could not delete (absent when it could not look).", _LABELS,
@@ -167,6 +185,27 @@ class Metrics:
             self.last_success.labels(namespace, name).set(timestamp)
         self.consecutive_failures.labels(namespace, name).set(consecutive_failures)
 
+    def observe_details(self, namespace: str, name: str, *, timings: dict[str, float] | None,
+                        tls: dict[str, dict] | None, webhook_failed: bool) -> None:
+        """Record a check's step timings (seconds), TLS certificate expiry per endpoint (Unix
+        seconds; an endpoint without TLS facts this time loses its series) and a failed heartbeat."""
+        key = (namespace, name)
+        for step, seconds in (timings or {}).items():
+            self.steps.labels(namespace, name, step).observe(seconds)
+            self._steps_seen.setdefault(key, set()).add(step)
+        seen = self._endpoints_seen.setdefault(key, set())
+        current = {ep: f.get("not_after") for ep, f in (tls or {}).items() if f.get("not_after")}
+        for endpoint in seen - set(current):
+            try:
+                self.cert_expiry.remove(namespace, name, endpoint)
+            except KeyError:
+                pass
+        for endpoint, not_after in current.items():
+            self.cert_expiry.labels(namespace, name, endpoint).set(not_after)
+        self._endpoints_seen[key] = set(current)
+        if webhook_failed:
+            self.webhook_failures.labels(namespace, name).inc()
+
     def forget(self, namespace: str, name: str) -> None:
         """Remove every series of the resource ``namespace/name``."""
         for metric in (self.success, self.last_send, self.last_reception, self.send, self.reception,
@@ -176,6 +215,20 @@ class Metrics:
                 metric.remove(namespace, name)
             except KeyError:
                 pass
+        for step in self._steps_seen.pop((namespace, name), set()):
+            try:
+                self.steps.remove(namespace, name, step)
+            except KeyError:
+                pass
+        for endpoint in self._endpoints_seen.pop((namespace, name), set()):
+            try:
+                self.cert_expiry.remove(namespace, name, endpoint)
+            except KeyError:
+                pass
+        try:
+            self.webhook_failures.remove(namespace, name)
+        except KeyError:
+            pass
         for outcome in self._outcomes.pop((namespace, name), set()):
             try:
                 self.checks.remove(namespace, name, *outcome)

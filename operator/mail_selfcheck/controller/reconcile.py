@@ -38,7 +38,9 @@ from .jobs import (
 )
 from .metrics import Metrics
 from .schedule import decide, format_time, job_name, parse_time, skipped_slots
-from .status import harvest_patch, launched_patch, pending_condition, refused_patch, suspended_patch
+from .status import (
+    harvest_patch, heartbeat_transition, launched_patch, pending_condition, refused_patch, suspended_patch,
+)
 
 #: The finalizer round-1 operators put on every MailSelfcheck; removed on sight (the daemon
 #: needs none, see :func:`.handlers._daemon_without_finalizer`). Never added any more.
@@ -396,6 +398,7 @@ class Selfcheck:
             if self._jobs is not None:
                 self._jobs[active["name"]] = _compact(job)
         now = self.shared.clock()
+        heartbeat = heartbeat_transition(self.status, outcome)
         patch, event = harvest_patch(
             self.status,
             outcome=outcome,
@@ -415,8 +418,14 @@ class Selfcheck:
             consecutive_failures=int(self.status.get("consecutiveFailures") or 0), timestamp=now.timestamp(),
             leftover_count=outcome.leftover_count,
         )  # fmt: skip
+        self.shared.metrics.observe_details(
+            self.namespace, self.name, timings=outcome.timings, tls=outcome.tls,
+            webhook_failed=(outcome.webhook or {}).get("sent") is False,
+        )  # fmt: skip
         if event:
             kopf.event(self.body, type=event.type, reason=event.reason, message=event.message[:1000])
+        if heartbeat:
+            kopf.event(self.body, type=heartbeat.type, reason=heartbeat.reason, message=heartbeat.message[:1000])
         await self.prune()
 
     async def prune(self) -> None:

@@ -119,6 +119,9 @@ def harvest_patch(
             "consecutiveFailures": failures,
             "leftoverCount": outcome.leftover_count,
             "cleanupWarning": outcome.cleanup_warning,
+            "timings": outcome.timings,
+            "tls": _tls_status(outcome.tls),
+            "webhook": _webhook_status(outcome.webhook),
             "history": history[:STATUS_HISTORY_LIMIT],
             "conditions": ready_condition(
                 status.get("conditions"), ok=outcome.success, reason=reason, message=message, generation=generation, now=now
@@ -129,6 +132,37 @@ def harvest_patch(
     if outcome.success:
         patch["status"]["lastSuccessTime"] = when
     return patch, transition(previous_success, outcome)
+
+
+def _tls_status(tls: dict[str, dict[str, Any]] | None) -> dict[str, Any] | None:
+    """Result TLS facts in status form (camelCase, ``notAfter`` as RFC 3339)."""
+    if not tls:
+        return None
+    out = {}
+    for endpoint, f in tls.items():
+        not_after = f.get("not_after")
+        out[endpoint] = {k: v for k, v in {
+            "version": f.get("version"), "cipher": f.get("cipher"), "hostnameMatched": f.get("hostname_matched"),
+            "notAfter": format_time(dt.datetime.fromtimestamp(not_after, dt.timezone.utc)) if not_after else None,
+        }.items() if v is not None}
+    return out
+
+
+def _webhook_status(webhook: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not webhook:
+        return None
+    return {k: webhook.get(k) for k in ("kind", "signal", "sent", "error") if webhook.get(k) is not None}
+
+
+def heartbeat_transition(status: dict[str, Any], outcome: Outcome) -> Transition | None:
+    """A Warning Event when the heartbeat starts failing (it was delivered, or never tried, before)."""
+    webhook = outcome.webhook or {}
+    if webhook.get("sent") is not False:
+        return None
+    if (status.get("webhook") or {}).get("sent") is False:
+        return None
+    return Transition("Warning", "HeartbeatFailing",
+                      f"the {webhook.get('kind', 'generic')} heartbeat could not be delivered: {webhook.get('error') or 'failed'}")
 
 
 def _success_message(outcome: Outcome) -> str:

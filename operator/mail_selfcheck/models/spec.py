@@ -469,6 +469,27 @@ class Condition(_Model):
     message: str = Field("", max_length=32768, description="Human-readable detail (the error of a failed check).")
 
 
+class TlsStatus(_Model):
+    """The TLS handshake of the last check with one server."""
+
+    version: str | None = Field(None, description="Negotiated protocol, e.g. TLSv1.3.")
+    cipher: str | None = Field(None, description="Negotiated cipher suite.")
+    not_after: str | None = Field(
+        None, description="Earliest certificate expiry of the chain the server sent (RFC 3339).",
+        json_schema_extra={"format": "date-time"},
+    )
+    hostname_matched: bool | None = Field(None, description="Whether the certificate names the configured host.")
+
+
+class WebhookStatus(_Model):
+    """The heartbeat of the last check."""
+
+    kind: str | None = Field(None, description="Heartbeat service API: generic, healthchecks, uptime-kuma, ...")
+    signal: str | None = Field(None, description="What was signalled: success, failure or start.")
+    sent: bool | None = Field(None, description="Whether the heartbeat was delivered.")
+    error: str | None = Field(None, description="Why it was not delivered (the URL is never shown).")
+
+
 class MailSelfcheckStatus(_Model):
     """``status`` of a MailSelfcheck, written only by the operator (status subresource).
 
@@ -489,6 +510,13 @@ class MailSelfcheckStatus(_Model):
         None, description="The probe's own messages the last check could not delete (null: it could not look)."
     )
     cleanup_warning: str | None = Field(None, description="Why the last check's cleanup left something behind.")
+    timings: dict[str, float] | None = Field(
+        None,
+        description="Seconds per step of the last check: imap_connect, imap_login, smtp_connect, smtp_tls, smtp_auth, "
+        "smtp_transaction, first_sight, fetch_verify, cleanup.",
+    )
+    tls: dict[str, TlsStatus] | None = Field(None, description="TLS facts of the last check per endpoint (smtp, imap).")
+    webhook: WebhookStatus | None = Field(None, description="The heartbeat of the last check, when one is configured.")
     active: JobReference | None = Field(None, description="The running Job, if any.")
     last_harvested_job: str | None = Field(None, description="Name of the last Job whose result was recorded.")
     history: list[HistoryEntry] | None = Field(
