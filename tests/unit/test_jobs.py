@@ -55,6 +55,9 @@ def test_job_spec_follows_cronjob_conventions():
     assert container["command"] == ["mail-selfcheck", "run", "--json", "--result-file", "/dev/termination-log"]
     assert container["image"] == "example/probe:1" and container["resources"] == {"limits": {"memory": "64Mi"}}
     assert pod["nodeSelector"] == {"a": "b"}
+    # exit 1 (failed check) and 2 (invalid configuration) are verdicts: no second pod
+    assert spec["podFailurePolicy"] == {"rules": [{"action": "FailJob", "onExitCodes": {
+        "containerName": "probe", "operator": "In", "values": [1, 2]}}]}
 
 
 def test_pod_is_locked_down():

@@ -49,9 +49,12 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "mail-selfcheck-operator"
 ANNOTATION_SLOT = f"{GROUP}/schedule-time"
 
-#: Pod retries before the Job fails (the probe reports failures as results, exit 0; a
-#: non-zero exit is a crash, worth one retry at most).
+#: Pod retries before the Job fails: a crash is worth one retry at most. The probe's own
+#: verdicts (:data:`VERDICT_EXIT_CODES`) are never retried (``podFailurePolicy``).
 BACKOFF_LIMIT = 1
+#: Exit codes of ``mail-selfcheck run`` that carry a verdict: 1 = the check failed, 2 = the
+#: configuration is invalid (https://kubernetes.io/docs/concepts/workloads/controllers/job/#pod-failure-policy).
+VERDICT_EXIT_CODES = (1, 2)
 #: Seconds added to the probe timeout for ``activeDeadlineSeconds``. The probe reaches its
 #: verdict within ``timeout``, cleans up within 10 s more (its own watchdog ends it at
 #: ``timeout + 15``) and then posts the webhook (10 s timeout): 30 s covers all of it, so the
@@ -244,6 +247,10 @@ def job_manifest(
         },
         "spec": {
             "backoffLimit": BACKOFF_LIMIT,
+            # A failed check (exit 1) or an invalid configuration (exit 2) is a verdict, not a
+            # crash: fail the Job at once, no retry pod; the result is read from the pod anyway.
+            "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {
+                "containerName": CONTAINER, "operator": "In", "values": list(VERDICT_EXIT_CODES)}}]},
             "activeDeadlineSeconds": int(math.ceil(spec.timeout)) + DEADLINE_MARGIN,
             "ttlSecondsAfterFinished": max(MIN_TTL, 3 * spec.interval),
             "template": {"metadata": {"labels": labels}, "spec": pod_spec},
