@@ -43,16 +43,18 @@ def _servers(names=ALL, xfails: dict | None = None) -> list:
 
 def _cli(env: dict[str, str], *args: str, timeout: float = 120) -> tuple[dict, subprocess.CompletedProcess]:
     """Run ``mail-selfcheck run --json`` with exactly ``env``'s MESSAGES_SELFCHECK_* values;
-    return (parsed result, process). Fails the test if no JSON result is printed."""
+    return (parsed result, process). Fails the test if no JSON result is printed or the exit
+    status does not match the verdict (0 success, 1 failure)."""
     full = {k: v for k, v in os.environ.items() if not k.startswith("MESSAGES_SELFCHECK_")}
     full.update(env)
     proc = subprocess.run([CLI, "run", "--json", *args], env=full, capture_output=True, text=True,
                           timeout=timeout)
-    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr}"
     try:
         result = json.loads(proc.stdout)
     except ValueError:
-        pytest.fail(f"no JSON result on stdout: {proc.stdout!r}\n{proc.stderr}")
+        pytest.fail(f"no JSON result on stdout (exit {proc.returncode}): {proc.stdout!r}\n{proc.stderr}")
+    # Exit status (issue 12 item 5): 0 for a successful check, 1 for a failed one.
+    assert proc.returncode == (0 if result["success"] else 1), f"exit {proc.returncode}: {proc.stderr}"
     print(f"probe result: {proc.stdout.strip()}")
     return result, proc
 

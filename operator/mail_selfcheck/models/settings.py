@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -27,6 +28,10 @@ from .common import (
 )
 
 ENV_PREFIX = "MESSAGES_SELFCHECK_"
+
+#: Heartbeat services the probe speaks to (``MESSAGES_SELFCHECK_WEBHOOK_KIND``).
+WebhookKind = Literal["generic", "healthchecks", "uptime-kuma", "gatus", "betterstack", "cronitor"]
+WEBHOOK_KINDS: tuple[str, ...] = WebhookKind.__args__
 _ADDRESS = re.compile(ADDRESS_PATTERN)
 
 
@@ -52,7 +57,19 @@ class ProbeSettings(BaseSettings):
     secret: SecretStr = Field(SecretStr(""), description="Secret string carried in the test message (token prefix).")
     interval: float = Field(DEFAULT_INTERVAL, ge=1, description="Seconds between runs (``run --loop``).")
     timeout: float = Field(DEFAULT_TIMEOUT, gt=0, description="Seconds the whole run may take, reception included.")
-    webhook_url: SecretStr | None = Field(None, description="Heartbeat URL POSTed on success (holds a token).")
+    webhook_url: SecretStr | None = Field(
+        None, description="Heartbeat URL (holds a token); what is sent depends on ``webhook_kind``."
+    )
+    # Heartbeat services, both directions (issue 12): see probe/report.py for each kind's API.
+    webhook_kind: WebhookKind = Field(
+        "generic", description="API the heartbeat URL speaks: generic, healthchecks, uptime-kuma, gatus, betterstack, cronitor."
+    )
+    webhook_failure_url: SecretStr | None = Field(
+        None, description="generic only: URL POSTed {error, error_class, send_time, reception_time} on failure."
+    )
+    webhook_token: SecretStr | None = Field(
+        None, description="gatus: the external endpoint's bearer token (Authorization: Bearer <token>)."
+    )
 
     smtp_host: str = Field("localhost", min_length=1)
     smtp_port: int | None = Field(None, ge=1, le=65535, description="Default: 587 (starttls, plain) or 465 (tls).")
@@ -68,6 +85,11 @@ class ProbeSettings(BaseSettings):
     imap_folder: str = Field("INBOX", min_length=1)
     imap_detection: Detection = "adaptive"
     imap_poll_interval: float = Field(0.1, gt=0, le=60, description="Seconds between polls for detection=poll.")
+    imap_expected_arrival: str | None = Field(
+        None,
+        description="Recent reception times in seconds, comma-separated (one value: the expected arrival); "
+        "detection=adaptive polls densely around them and waits cheaply before (the controller passes them).",
+    )
     imap_junk_folders: str | None = Field(
         None,
         description="Comma-separated extra junk folder names, looked at besides \\Junk and the known names.",
@@ -107,7 +129,7 @@ class ProbeSettings(BaseSettings):
             raise ValueError(f"{value!r} is not a mail address like user@example.com")
         return value
 
-    @field_validator("webhook_url")
+    @field_validator("webhook_url", "webhook_failure_url")
     @classmethod
     def _webhook(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and not re.match(r"^https?://[^\s/]+", value.get_secret_value()):
@@ -130,6 +152,7 @@ class ProbeSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _complete(self) -> "ProbeSettings":
+        self._check_webhook()
         if not self.enabled:
             return self
         if not self.secret.get_secret_value():
@@ -144,6 +167,24 @@ class ProbeSettings(BaseSettings):
         if "oauth2" in (self.smtp_auth, self.imap_auth):
             self._check_oauth2()
         return self
+
+    def _check_webhook(self) -> None:
+        """Heartbeat settings that cannot work; messages name variables, never the URL."""
+        if self.webhook_failure_url is not None and self.webhook_kind != "generic":
+            raise ValueError(
+                "MESSAGES_SELFCHECK_WEBHOOK_FAILURE_URL is for WEBHOOK_KIND=generic only; "
+                f"{self.webhook_kind} signals failures on MESSAGES_SELFCHECK_WEBHOOK_URL"
+            )
+        if self.webhook_kind == "generic" or self.webhook_url is None:
+            return  # a kind without a URL: no heartbeat, as without a kind
+        if self.webhook_kind == "gatus":
+            path = urlsplit(self.webhook_url.get_secret_value()).path
+            if not re.fullmatch(r".*/api/v1/endpoints/[^/]+/external/?", path):
+                raise ValueError("MESSAGES_SELFCHECK_WEBHOOK_URL must be Gatus' push URL "
+                                 "https://<gatus>/api/v1/endpoints/<group>_<name>/external for WEBHOOK_KIND=gatus")
+            if self.webhook_token is None or not self.webhook_token.get_secret_value():
+                raise ValueError("MESSAGES_SELFCHECK_WEBHOOK_TOKEN must be set for WEBHOOK_KIND=gatus "
+                                 "(the external endpoint's token)")
 
     def _check_oauth2(self) -> None:
         if not self.oauth2_client_id and not (self.oauth2_provider == "google" and self.oauth2_service_account_json):
@@ -187,9 +228,15 @@ class ProbeSettings(BaseSettings):
         """``imap_junk_folders`` split at commas, blanks removed."""
         return [n.strip() for n in (self.imap_junk_folders or "").split(",") if n.strip()]
 
+    @property
+    def imap_expected_arrivals(self) -> list[float]:
+        """``imap_expected_arrival`` as seconds (oldest first), blanks removed."""
+        return [float(p) for p in (self.imap_expected_arrival or "").split(",") if p.strip()]
+
     def secret_values(self) -> list[str]:
         """Every confidential string of this configuration, for redaction."""
-        values = [self.secret, self.smtp_password, self.imap_password, self.webhook_url, self.oauth2_client_secret,
+        values = [self.secret, self.smtp_password, self.imap_password, self.webhook_url, self.webhook_failure_url,
+                  self.webhook_token, self.oauth2_client_secret,
                   self.oauth2_client_certificate_pem, self.oauth2_service_account_json,
                   self.smtp_oauth2_refresh_token, self.imap_oauth2_refresh_token]
         return [v.get_secret_value() for v in values if v is not None and v.get_secret_value()]
