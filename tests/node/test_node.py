@@ -7,6 +7,7 @@ in a network namespace with no route out) and tests/harness/node_fixtures.py for
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -103,3 +104,21 @@ def test_pod_reaches_the_api_server_through_the_kubernetes_service(node_cluster,
     term = p["status"]["containerStatuses"][0]["state"]["terminated"]
     assert p["status"]["phase"] == "Succeeded", term
     assert term["message"] == f"{nodemod.SERVICE_IP}:443 incluster"
+
+
+def test_a_node_that_cannot_start_fails_with_the_component_log(node_cluster, tmp_path):
+    """The tier is never skipped: a node that does not come up raises NodeError carrying the
+    failing component's log, and leaves nothing behind (namespaces, cgroups, registry)."""
+    good = node_cluster.node.binaries
+    broken = nodemod.NodeBinaries(kubelet=Path("/bin/false"), kube_scheduler=good.kube_scheduler,
+                                  images=good.images[:1])  # the pause image only
+    node = nodemod.Node(node_cluster.cp, tmp_path / "broken", binaries=broken,
+                        name="broken-node", start_timeout=30)
+    with pytest.raises(nodemod.NodeError) as err:
+        node.start()
+    text = str(err.value)
+    assert "kubelet exited with 1 during start-up" in text, text
+    assert "--- containerd.log (tail) ---" in text
+    assert not nodemod._registry_file(node.id).exists()
+    assert not nodemod._cgroup_dirs(node.cgroup_root)
+    assert not any(f.is_mount() for f in (node.netns, node.mntns) if f.exists())
