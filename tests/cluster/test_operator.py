@@ -271,6 +271,14 @@ INVALID = [
     ({"job": {"serviceAccountName": "Not_Valid"}}, "spec.job.serviceAccountName in body should match"),
     ({"job": {"tolerations": [{"key": "k", "operator": "Exists", "value": "v"}]}},
      "a toleration with operator Exists must not have a value"),
+    # OAuth2 (issue 10)
+    ({"imap": {"host": "h", "auth": "oauth2"}}, "oauth2 is required when smtp.auth or imap.auth is oauth2"),
+    ({"imap": {"host": "h", "auth": "password"}}, "passwordSecretRef is required unless auth is oauth2"),
+    ({"imap": {"host": "h", "auth": "oauth2"}, "oauth2": {"provider": "generic", "clientId": "c",
+                                                         "clientSecretRef": {"name": "a", "key": "b"}}},
+     "provider generic needs tokenUrl"),
+    ({"imap": {"host": "h", "auth": "oauth2"}, "oauth2": {"provider": "microsoft", "tenant": "t", "clientId": "c"}},
+     "oauth2 needs clientSecretRef, clientCertificateRef (microsoft) or serviceAccountKeyRef (google)"),
 ]
 
 

@@ -159,6 +159,10 @@ class OAuth2Server:
         self.down = False
         #: True: tokens are issued already expired at the server (the client sees expires_in as usual).
         self.expire_on_issue = False
+        #: Refresh grants: answer with a new refresh token (rotation), and/or announce the
+        #: refresh token's remaining lifetime (seconds, ``refresh_token_expires_in``).
+        self.rotate_refresh_tokens = False
+        self.refresh_token_expires_in: int | None = None
         self.resource_secret = secrets.token_urlsafe(16)
         self.add_client(RESOURCE_CLIENT, self.resource_secret, grant_types=())
         self._lock = threading.Lock()
@@ -194,7 +198,8 @@ class OAuth2Server:
 
     def reset(self) -> None:
         """Back to normal: up, tokens valid at issue, no recorded requests (clients and tokens stay)."""
-        self.down = self.expire_on_issue = False
+        self.down = self.expire_on_issue = self.rotate_refresh_tokens = False
+        self.refresh_token_expires_in = None
         self.requests.clear()
         self.introspections.clear()
 
@@ -240,6 +245,14 @@ class OAuth2Server:
 
             def revoke_old_credential(self, refresh_token: RefreshToken) -> None:
                 pass
+
+            def issue_token(self, user: str, refresh_token: RefreshToken) -> dict[str, Any]:
+                token = super().issue_token(user, refresh_token)
+                if outer.refresh_token_expires_in:
+                    token["refresh_token_expires_in"] = outer.refresh_token_expires_in
+                if outer.rotate_refresh_tokens:  # as Entra ID and others do: a new one each time
+                    token["refresh_token"] = outer.issue_refresh_token(refresh_token.client_id, user, refresh_token.scope)
+                return token
 
         class Introspect(IntrospectionEndpoint):
             CLIENT_AUTH_METHODS = ["client_secret_basic", "client_secret_post"]

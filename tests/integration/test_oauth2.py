@@ -199,3 +199,15 @@ def test_password_refused_on_an_oauth2_only_mailbox_says_what_to_change(ostack):
     # and the same mailbox over OAuth2 works
     result, _ = run(ostack.probe_env(to_user="oauthonly"))
     assert result["success"] is True, result
+
+
+def test_rotated_or_expiring_refresh_token_is_surfaced(ostack):
+    """A stateless Job cannot store a rotated refresh token: the result says so (auth_warning), as it says
+    when the provider announces the refresh token's expiry; the check itself still succeeds."""
+    ostack.oauth2.rotate_refresh_tokens = True
+    ostack.oauth2.refresh_token_expires_in = 3 * 86400
+    rt = ostack.oauth2.issue_refresh_token(CLIENT_ID, "receiver@example.test")
+    result, output = run(ostack.probe_env(IMAP_OAUTH2_REFRESH_TOKEN=rt))
+    assert result["success"] is True, result
+    assert result["auth_warning"].startswith("imap: the refresh token expires in 3.0 days; the provider rotated"), result
+    assert_no_secrets(output, ostack, rt, *ostack.oauth2.refresh_tokens)

@@ -173,3 +173,23 @@ def test_google_service_account_preset(monkeypatch):
     assert claims["iss"] == "monitor@proj.iam.gserviceaccount.com" and claims["sub"] == "probe@example.com"
     assert claims["scope"] == "https://mail.google.com/"
     assert pem not in json.dumps(OAuth2Config.__repr__(config)) and pem in config.secrets()
+
+
+def test_basic_auth_refusals_are_explained():
+    from mail_selfcheck.probe.auth.login import basic_auth_hint
+
+    assert "no longer accepts passwords: use oauth2" in basic_auth_hint(
+        "535 5.7.139 Authentication unsuccessful, basic authentication is disabled.", ["LOGIN", "XOAUTH2"])
+    assert "no longer accepts passwords" in basic_auth_hint(
+        "550 5.7.30 Basic authentication is not supported for Client Submission", [])
+    assert "also offers OAuth2" in basic_auth_hint("535 5.7.8 Error: authentication failed", ["PLAIN", "OAUTHBEARER"])
+    assert basic_auth_hint("535 5.7.8 Error: authentication failed", ["PLAIN", "LOGIN"]) == ""
+
+
+def test_refresh_warnings():
+    from mail_selfcheck.probe.auth.tokens import refresh_warning
+
+    assert refresh_warning({"refresh_token": "new"}, "old").startswith("the provider rotated")
+    assert refresh_warning({"refresh_token": "old"}, "old") is None
+    assert refresh_warning({"refresh_token_expires_in": 86400}, "old") == "the refresh token expires in 1.0 days"
+    assert refresh_warning({"refresh_token": "x"}, None) is None, "app-only grants have no refresh token to worry about"

@@ -281,6 +281,7 @@ class Outcome:
     tls: dict[str, dict[str, Any]] | None = None
     #: {kind, signal, sent, error}
     webhook: dict[str, Any] | None = None
+    auth_warning: str | None = None
 
     @classmethod
     def from_result(cls, result: ProbeResult) -> "Outcome":
@@ -295,6 +296,7 @@ class Outcome:
             timings=result.timings,
             tls={k: v.model_dump() for k, v in result.tls.items()} if result.tls else None,
             webhook=result.webhook.model_dump() if result.webhook else None,
+            auth_warning=result.auth_warning,
         )
 
     @classmethod

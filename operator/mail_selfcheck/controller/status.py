@@ -122,6 +122,7 @@ def harvest_patch(
             "timings": outcome.timings,
             "tls": _tls_status(outcome.tls),
             "webhook": _webhook_status(outcome.webhook),
+            "authWarning": outcome.auth_warning,
             "history": history[:STATUS_HISTORY_LIMIT],
             "conditions": ready_condition(
                 status.get("conditions"), ok=outcome.success, reason=reason, message=message, generation=generation, now=now

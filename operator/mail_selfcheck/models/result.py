@@ -102,6 +102,9 @@ class ProbeResult(BaseModel):
     token_time: float | None = Field(
         default=None, description="Seconds spent obtaining OAuth2 access tokens (oauth2 only), before anything is timed."
     )
+    auth_warning: str | None = Field(
+        default=None, description="OAuth2 token endpoint warnings: refresh token rotated or about to expire."
+    )
     timings: dict[str, float] | None = Field(
         default=None,
         description="Seconds per step: imap_connect (TCP+TLS), imap_login, smtp_connect, smtp_tls, smtp_auth, "

@@ -517,6 +517,9 @@ class MailSelfcheckStatus(_Model):
     )
     tls: dict[str, TlsStatus] | None = Field(None, description="TLS facts of the last check per endpoint (smtp, imap).")
     webhook: WebhookStatus | None = Field(None, description="The heartbeat of the last check, when one is configured.")
+    auth_warning: str | None = Field(
+        None, description="OAuth2 warning of the last check: a refresh token rotated by the provider or about to expire."
+    )
     active: JobReference | None = Field(None, description="The running Job, if any.")
     last_harvested_job: str | None = Field(None, description="Name of the last Job whose result was recorded.")
     history: list[HistoryEntry] | None = Field(

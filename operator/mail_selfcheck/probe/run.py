@@ -56,9 +56,11 @@ def run_probe(settings: ProbeSettings) -> ProbeResult:
     sent = None
     try:
         if "oauth2" in (settings.smtp_auth, settings.imap_auth):
+            from .auth import login as auth_login
             from .auth.login import prefetch
 
             fields["token_time"] = round(prefetch(settings, deadline), 3)
+            fields["auth_warning"] = auth_login.warning()
         mailbox.open(deadline)
         log.debug("mailbox_opened", folder=mailbox.folder, uidvalidity=mailbox.uidvalidity,
                   uidnext=mailbox.uidnext, junk_folder=mailbox.junk)
@@ -118,7 +120,11 @@ def run_probe(settings: ProbeSettings) -> ProbeResult:
         fields["tls"] = {side: value for side, value in tls.items() if value is not None} or None
     fields["duration"] = round(time.monotonic() - started, 3)
     secrets = settings.secret_values() + [token]
-    for key in ("error", "smtp_reply", "cleanup_warning"):
+    if "oauth2" in (settings.smtp_auth, settings.imap_auth):
+        from .auth.login import cached_tokens
+
+        secrets += cached_tokens()
+    for key in ("error", "smtp_reply", "cleanup_warning", "auth_warning"):
         fields[key] = redact(fields.get(key), secrets)
     return ProbeResult(**fields)
 

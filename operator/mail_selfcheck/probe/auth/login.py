@@ -98,7 +98,23 @@ def access_token(settings: ProbeSettings, side: Side, login: str, deadline: floa
         raise ProbeFailure(exc.error_class, f"{side.upper()} OAuth2 token for {login}: {exc}") from None  # type: ignore[arg-type]
     lifetime = float(token.expires_in) if token.expires_in else DEFAULT_LIFETIME
     _TOKENS[(side, login)] = (token.value, time.monotonic() + max(0.0, lifetime - EXPIRY_MARGIN))
+    if token.warning:
+        WARNINGS[side] = token.warning
     return token.value
+
+
+#: Warnings of the token endpoints, per side (refresh token rotated or expiring).
+WARNINGS: dict[str, str] = {}
+
+
+def cached_tokens() -> list[str]:
+    """The access tokens this process holds (for redaction)."""
+    return [value for value, _ in _TOKENS.values()]
+
+
+def warning() -> str | None:
+    """The token warnings of the run, ``smtp: ...; imap: ...`` (None when there are none)."""
+    return "; ".join(f"{side}: {text}" for side, text in sorted(WARNINGS.items())) or None
 
 
 def forget(token: str) -> None:

@@ -173,6 +173,23 @@ def _host(url: str | None) -> str:
     return requests.utils.urlparse(url or "").netloc or (url or "?")
 
 
+def refresh_warning(response: dict[str, Any], used: str | None) -> str | None:
+    """What a stateless probe must tell about a refresh-token grant's response: the provider
+    rotated the refresh token (it returned a new one, which a Job cannot store: the old one
+    may stop working), or it announced the refresh token's expiry (``refresh_token_expires_in``,
+    seconds, as Google and Entra ID send for time-limited grants). None for app-only grants."""
+    if not used:
+        return None
+    notes = []
+    expires = response.get("refresh_token_expires_in")
+    if isinstance(expires, (int, float)) and expires > 0:
+        notes.append(f"the refresh token expires in {expires / 86400:.1f} days")
+    new = response.get("refresh_token")
+    if new and new != used:
+        notes.append("the provider rotated the refresh token; the stored one may stop working (prefer an app-only flow)")
+    return "; ".join(notes) or None
+
+
 # ----------------------------------------------------------------------------- generic (Authlib)
 
 
@@ -200,7 +217,7 @@ def _generic(config: OAuth2Config, side: Side, login: str, timeout: float, http:
                          transient=True) from None
     if not token.get("access_token"):
         raise _refusal(where, token.get("error"), token.get("error_description"))
-    return Token(token["access_token"], token.get("expires_in"))
+    return Token(token["access_token"], token.get("expires_in"), refresh_warning(token, refresh))
 
 
 # ----------------------------------------------------------------------------- microsoft (MSAL)
@@ -255,7 +272,7 @@ def _microsoft(config: OAuth2Config, side: Side, login: str, timeout: float, htt
         raise TokenError("oauth2_error", f"Microsoft identity platform {where}: {_short(str(exc))}") from None
     if "access_token" not in result:
         raise _refusal(where, result.get("error"), result.get("error_description"))
-    return Token(result["access_token"], result.get("expires_in"))
+    return Token(result["access_token"], result.get("expires_in"), refresh_warning(result, refresh))
 
 
 class _TimeoutSession:
