@@ -577,3 +577,75 @@ def test_oauth2_check_end_to_end(control_plane, oauth_stack, operator, k8s_names
     assert {"MESSAGES_SELFCHECK_SMTP_AUTH", "MESSAGES_SELFCHECK_OAUTH2_CLIENT_SECRET"} <= env_names
     assert_no_secrets(cp, ns, operator, {"client secret": stack.client_secret,
                                          **{f"token {i}": t for i, t in enumerate(stack.oauth2.tokens)}})
+
+
+def test_a_real_prometheus_scrapes_the_operator_and_fires_the_charts_alert(control_plane, mail_stack, operator,
+                                                                           k8s_namespace, tmp_path):
+    """A live scrape (issue 12): Debian's Prometheus scrapes the operator's metrics port (as the chart's
+    ServiceMonitor would: job = the metrics Service's name, honor_labels) and evaluates the chart's rules,
+    rendered with a 1-failure threshold; a failing check fires MailSelfcheckFailing with the resource's
+    labels, and it resolves once the check succeeds."""
+    import shutil
+    import urllib.parse
+    import urllib.request
+
+    from tests.harness.controlplane import free_port
+
+    prometheus = shutil.which("prometheus")
+    assert prometheus, "prometheus is missing: hack/install-system-deps.sh installs Debian's package"
+    cp, ns = control_plane, k8s_namespace
+    job = f"{operator.fullname}-metrics"
+    rendered = cp.helm("template", operator.release, str(Path(__file__).resolve().parents[2] / "charts" / "selfcheck"),
+                       "-n", operator.namespace, "--set", "prometheusRule.enabled=true", "--set",
+                       "metrics.service.enabled=true", "--set", "prometheusRule.failing.consecutiveFailures=1",
+                       "--set", "prometheusRule.failing.for=1s", "--show-only", "templates/prometheusrule.yaml").stdout
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": yaml.safe_load(rendered)["spec"]["groups"]}))
+    (tmp_path / "prometheus.yaml").write_text(yaml.safe_dump({
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(tmp_path / "rules.yaml")],
+        "scrape_configs": [{"job_name": job, "honor_labels": True, "static_configs": [
+            {"targets": [f"127.0.0.1:{operator.metrics_port}"], "labels": {"namespace": operator.namespace}}]}],
+    }))
+    port = free_port()
+    log = open(tmp_path / "prometheus.log", "w")
+    proc = subprocess.Popen([prometheus, f"--config.file={tmp_path / 'prometheus.yaml'}",
+                             f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=log, stderr=subprocess.STDOUT)
+
+    def api(path: str, **params) -> dict:
+        url = f"http://127.0.0.1:{port}/api/v1/{path}" + (f"?{urllib.parse.urlencode(params)}" if params else "")
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return json.loads(resp.read())["data"]
+
+    def firing() -> list[dict]:
+        try:
+            alerts = api("alerts")["alerts"]
+        except OSError:
+            return []
+        return [a for a in alerts if a["labels"]["alertname"] == "MailSelfcheckFailing" and a["state"] == "firing"
+                and a["labels"].get("namespace") == ns]
+
+    try:
+        env = mail_stack.probe_env()
+        secrets = mail_secrets(cp, ns, env)
+        cp.kubectl("-n", ns, "patch", "secret", "mail", "-p", json.dumps({"stringData": {"imap": "wrong-pw"}}))
+        apply(cp, ns, selfcheck(env, interval=600))
+        d = diag(cp, ns, operator)
+        wait_until(lambda: status(cp, ns).get("success") is False, 30, "a failed check", diag=d)
+        (alert,) = wait_until(firing, 40, "MailSelfcheckFailing firing in Prometheus",
+                              diag=lambda: (tmp_path / "prometheus.log").read_text()[-2000:])
+        assert alert["labels"]["name"] == "demo" and alert["labels"]["job"] == job, alert
+        assert alert["annotations"]["runbook_url"].endswith("#troubleshooting-by-error-message")
+        value = api("query", query=f'mail_selfcheck_success{{namespace="{ns}",name="demo"}}')["result"]
+        assert value and value[0]["value"][1] == "0"
+
+        cp.kubectl("-n", ns, "patch", "secret", "mail", "-p", json.dumps({"stringData": {"imap": secrets["imap"]}}))
+        cp.kubectl("-n", ns, "annotate", "mailselfcheck", "demo", f"{RUN_NOW}=1")
+        wait_until(lambda: status(cp, ns).get("success") is True, 30, "recovery", diag=d)
+        wait_until(lambda: not firing(), 30, "the alert to resolve")
+        expiry = api("query", query=f'mail_selfcheck_tls_cert_expiry_timestamp_seconds{{namespace="{ns}"}}')["result"]
+        assert {r["metric"]["endpoint"] for r in expiry} == {"smtp", "imap"}
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        log.close()
