@@ -1,40 +1,80 @@
-"""Detection overhead of the probe's arrival-detection strategies, on the real local stack.
+"""Detection overhead and IMAP load of the arrival-detection strategies, on real local stacks.
 
-For each strategy, N probe runs against the local Postfix + Dovecot (tests/harness/mailstack):
-overhead = (moment the probe saw the message) - (moment Dovecot stored it: the Maildir
-file's mtime, from ``MailStack.delivery_time``). Side by side: the probe's strategies
-(adaptive = default, idle) and plain polling every 100 ms and every 1 s.
-Also prints the probe's import time and one run's peak RSS.
+For each server (Postfix + Dovecot from tests/harness/mailstack; Postfix + Cyrus IMAP and
+Postfix + Courier-IMAP from tests/harness/servers), two delivery delays:
 
-    .venv/bin/python benchmarks/detection_overhead.py [--runs 20]
+* ``~10 ms``: the stack's own delivery (Postfix -> LMTP / virtual(8)), a few milliseconds;
+* ``~5 s``: Postfix HOLDs the message for ``held@`` (``check_recipient_access``); a thread
+  releases it ``5 s +- 0.1 s`` (uniform jitter, so fixed-period pollers are not flattered)
+  after it appeared in the hold queue (``postsuper -H`` + ``postqueue -i``).
 
-Prints a table of median / p95 overhead in milliseconds and the ratio to 100 ms polling.
-Not a test: figures go into the issue notes.
+Strategies, interleaved run by run (each run is a fresh probe: the in-process history of
+``detect`` is cleared, as in a Kubernetes Job):
+
+* ``default``: ``adaptive`` with ``MESSAGES_SELFCHECK_IMAP_EXPECTED_ARRIVAL`` = the reception
+  times of this strategy's previous runs in this cell (newest 10), as the controller passes
+  a resource's recent history (steady state: each cell starts with one uncounted warm-up
+  round of every strategy, so "default" has at least one earlier reception time);
+* ``default, no history``: ``adaptive`` without history (a new resource's first check);
+* ``poll 100 ms``: ``poll`` with ``IMAP_POLL_INTERVAL=0.1``;
+* ``idle only``: ``idle``;
+* with ``--before FILE`` (``git show <rev>:operator/mail_selfcheck/probe/imap/detect.py >
+  FILE``): that revision's ``adaptive``, loaded in place of the current module for its runs.
+
+Overhead = (moment the probe reports: ``sent_at + reception_time``) - (moment the server
+stored the message): Dovecot's ``mail_log`` line (``MailStack.delivery_time``), Cyrus lmtpd's
+``Delivered:`` syslog line (stamped on receipt by the stack's syslog sink), Courier: the
+Maildir file's mtime (caught with inotify before the probe deletes it). IMAP commands per check
+(the whole session: login, detection, fetch, cleanup) are counted by a transparent
+``tests.harness.imapproxy.ImapProxy`` in front of each server (the probe uses IMAP ``plain``
+to it; ``TCP_NODELAY`` both ways).
+
+    .venv/bin/python benchmarks/detection_overhead.py [--runs 10] [--fast-runs 15]
+        [--servers dovecot,cyrus,courier] [--before /tmp/detect_before.py]
+
+Prints, per server and delay, median / p95 overhead (ms), median commands per check, and the
+ratios to ``poll 100 ms``; then the probe's import time and one run's peak RSS. Not a test.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
+import importlib.util
 import os
+import random
 import re
+import socket
 import statistics
+import struct
 import subprocess
 import sys
+import threading
+import time
+from datetime import datetime
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "operator"))
 
 from mail_selfcheck.models.settings import ProbeSettings  # noqa: E402
+from mail_selfcheck.probe.imap import detect, session  # noqa: E402
 from mail_selfcheck.probe.report import configure_logging  # noqa: E402
 from mail_selfcheck.probe.run import run_probe  # noqa: E402
+from tests.harness.imapproxy import ImapProxy, Personality  # noqa: E402
 from tests.harness.mailstack import MailStack  # noqa: E402
 
-STRATEGIES = [
-    ("adaptive (default)", {"MESSAGES_SELFCHECK_IMAP_DETECTION": "adaptive"}),
-    ("idle", {"MESSAGES_SELFCHECK_IMAP_DETECTION": "idle"}),
-    ("poll 100 ms", {"MESSAGES_SELFCHECK_IMAP_DETECTION": "poll", "MESSAGES_SELFCHECK_IMAP_POLL_INTERVAL": "0.1"}),
-    ("poll 1 s", {"MESSAGES_SELFCHECK_IMAP_DETECTION": "poll", "MESSAGES_SELFCHECK_IMAP_POLL_INTERVAL": "1"}),
-]
+P = "MESSAGES_SELFCHECK_"
+STRATEGIES = {
+    "default": {P + "IMAP_DETECTION": "adaptive"},
+    "default, no history": {P + "IMAP_DETECTION": "adaptive"},
+    "poll 100 ms": {P + "IMAP_DETECTION": "poll", P + "IMAP_POLL_INTERVAL": "0.1"},
+    "idle only": {P + "IMAP_DETECTION": "idle"},
+}
+BASE = "poll 100 ms"
+SLOW_DELAY, SLOW_JITTER = 5.0, 0.1  # seconds
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -42,21 +82,190 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def measure(stack: MailStack, extra: dict[str, str], runs: int) -> list[float]:
-    env = {**stack.probe_env(), **extra}
-    for key in [k for k in os.environ if k.startswith("MESSAGES_SELFCHECK_")]:
+# -- truth: when the server stored the message --------------------------------------------------
+
+
+class MaildirWatch:
+    """inotify on a Maildir's ``new/`` and ``cur/``: file name -> mtime (epoch s) on arrival."""
+
+    IN_CREATE, IN_MOVED_TO = 0x100, 0x80
+
+    def __init__(self, maildir: Path):
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        self.fd = libc.inotify_init1(0)
+        self.dirs = {}
+        for sub in ("new", "cur"):
+            d = maildir / sub
+            d.mkdir(parents=True, exist_ok=True)
+            wd = libc.inotify_add_watch(self.fd, str(d).encode(), self.IN_CREATE | self.IN_MOVED_TO)
+            self.dirs[wd] = d
+        self.mtimes: dict[str, float] = {}
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            data = os.read(self.fd, 65536)
+            i = 0
+            while i < len(data):
+                wd, _mask, _cookie, length = struct.unpack_from("iIII", data, i)
+                name = data[i + 16:i + 16 + length].rstrip(b"\0").decode()
+                i += 16 + length
+                path = self.dirs[wd] / name
+                try:
+                    head = path.read_bytes()[:4096]
+                    mtime = path.stat().st_mtime_ns / 1e9
+                except OSError:
+                    continue
+                m = re.search(rb"^Message-ID:\s*<([^>]+)>", head, re.M | re.I)
+                if m:
+                    self.mtimes.setdefault(m.group(1).decode(), mtime)
+
+
+def truth_function(name: str, stack):
+    if name == "dovecot":
+        return lambda mid: stack.delivery_time(mid)
+    if name == "cyrus":
+        logs = list(Path(stack.base).rglob("cyrus.log"))
+
+        def cyrus(mid: str) -> float:
+            want = mid.strip("<>")
+            for _ in range(100):
+                for log in logs:
+                    for line in log.read_text(errors="replace").splitlines():
+                        if "Delivered: <" + want + ">" in line:
+                            return datetime.strptime(line[:26], "%Y-%m-%d %H:%M:%S.%f").timestamp()
+                time.sleep(0.02)
+            raise SystemExit(f"no Cyrus delivery logged for {mid}")
+
+        return cyrus
+    watches = [MaildirWatch(stack.maildir(stack._short(u))) for u in ("receiver", "held")]
+
+    def courier(mid: str) -> float:
+        want = mid.strip("<>")
+        for _ in range(100):
+            for w in watches:
+                if want in w.mtimes:
+                    return w.mtimes[want]
+            time.sleep(0.02)
+        raise SystemExit(f"no Maildir file seen for {mid}")
+
+    return courier
+
+
+def make_stack(name: str):
+    if name == "dovecot":
+        return MailStack()
+    if name == "cyrus":
+        from tests.harness.servers.cyrus import CyrusStack
+        return CyrusStack()
+    from tests.harness.servers.courier import CourierStack
+    return CourierStack()
+
+
+# -- the delay -------------------------------------------------------------------------------
+
+
+def release_later(stack, delay: float, stop: threading.Event) -> threading.Thread:
+    """Release the held message ``delay`` seconds after it appeared in the hold queue."""
+
+    def run():
+        limit = time.monotonic() + 30
+        queue_id = None
+        while not stop.is_set() and time.monotonic() < limit and queue_id is None:
+            queue_id = next((q["queue_id"] for q in stack.mail_queue() if q["queue_name"] == "hold"), None)
+            if queue_id is None:
+                time.sleep(0.01)
+        if queue_id is None or stop.wait(delay):
+            return
+        env = stack._pf_env()
+        stack._run(["postsuper", "-c", str(stack.pf_conf), "-H", queue_id], "postsuper -H", env=env)
+        stack._run(["postqueue", "-c", str(stack.pf_conf), "-i", queue_id], "postqueue -i", env=env)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+# -- one run ---------------------------------------------------------------------------------
+
+
+def _load_before(path: str):
+    spec = importlib.util.spec_from_file_location("mail_selfcheck.probe.imap._detect_before", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    inner = module.wait_for
+
+    def wait_for(box, nonce, deadline):  # the same TCP_NODELAY as the current module (fair)
+        detect._no_delay(box)
+        return inner(box, nonce, deadline)
+
+    module.wait_for = wait_for
+    return module
+
+
+def one_run(stack, proxy, truth, to_user: str, delay: float | None, extra: dict[str, str],
+            module=None) -> tuple[float, int, float]:
+    env = stack.probe_env(to_user=to_user, imap_security="plain", imap_port=proxy.port, TIMEOUT="20")
+    env.update(extra)
+    for key in [k for k in os.environ if k.startswith(P)]:
         del os.environ[key]
     os.environ.update(env)
     settings = ProbeSettings()
-    overheads = []
-    for _ in range(runs):
+    detect._recent.clear()  # a fresh probe process, as in a Job
+    detect._pushing.clear()
+    stop = threading.Event()
+    releaser = release_later(stack, delay, stop) if delay is not None else None
+    before = proxy.command_count()
+    saved = session._detect
+    if module is not None:
+        session._detect = module
+    try:
         result = run_probe(settings)
-        if not result.success:
-            raise SystemExit(f"run failed: {result.error}")
-        stored = stack.delivery_time(result.message_id)
-        seen = result.sent_at + result.reception_time
-        overheads.append((seen - stored) * 1000.0)
-    return overheads
+    finally:
+        session._detect = saved
+        stop.set()
+        if releaser is not None:
+            releaser.join(10)
+    if not result.success:
+        raise SystemExit(f"run failed: {result.error}")
+    stored = truth(result.message_id)
+    seen = result.sent_at + result.reception_time
+    return (seen - stored) * 1000.0, proxy.command_count() - before, result.reception_time
+
+
+def bench_server(name: str, runs: int, fast_runs: int, strategies: dict, modules: dict) -> list[str]:
+    lines = []
+    with make_stack(name) as stack, ImapProxy(stack, Personality()) as proxy:
+        truth = truth_function(name, stack)
+        # warm-up: the first delivery of a fresh stack is slow (cold caches)
+        one_run(stack, proxy, truth, "receiver", None, strategies[BASE])
+        for label, user, delay, n in (("~10 ms", "receiver", None, fast_runs), ("~5 s", "held", SLOW_DELAY, runs)):
+            data = {s: ([], [], []) for s in strategies}
+            for i in range(n + 1):  # round 0 is a warm-up: not counted, but it is "default"'s first history
+                for strategy, extra in strategies.items():
+                    extra = dict(extra)
+                    history = data[strategy][2]
+                    if strategy == "default" and history:
+                        extra[P + "IMAP_EXPECTED_ARRIVAL"] = ",".join(f"{v:.3f}" for v in history[-10:])
+                    d = None if delay is None else delay + random.uniform(-SLOW_JITTER, SLOW_JITTER)
+                    overhead, commands, reception = one_run(stack, proxy, truth, user, d, extra, modules.get(strategy))
+                    history.append(reception)
+                    if i == 0:
+                        continue
+                    data[strategy][0].append(overhead)
+                    data[strategy][1].append(commands)
+            base_median = statistics.median(data[BASE][0])
+            base_cmds = statistics.median(data[BASE][1])
+            lines.append(f"\n{name} ({getattr(stack, 'version', '') or 'Dovecot'}), delivery {label}, {n} runs per strategy")
+            lines.append(f"{'strategy':<22} {'median ms':>10} {'p95 ms':>8} {'min ms':>8} {'cmds/check':>11} "
+                         f"{'median/poll':>12} {'cmds/poll':>10}")
+            for strategy in strategies:
+                o, c, _ = data[strategy]
+                lines.append(f"{strategy:<22} {statistics.median(o):10.1f} {_pct(o, 0.95):8.1f} {min(o):8.1f} "
+                             f"{statistics.median(c):11.0f} {statistics.median(o) / base_median:12.2f} "
+                             f"{statistics.median(c) / base_cmds:10.2f}")
+            print("\n".join(lines[-len(strategies) - 2:]), flush=True)
+    return lines
 
 
 def import_time_ms() -> float:
@@ -66,33 +275,43 @@ def import_time_ms() -> float:
     return int(re.split(r"\s*\|\s*", last.split(":", 1)[1])[1]) / 1000.0
 
 
-def peak_rss_mb(stack: MailStack) -> float:
-    env = {**os.environ, **stack.probe_env()}
-    code = (
-        "import resource, sys; from mail_selfcheck.cli import main; main(['run']);"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    return int(proc.stdout.split()[-1]) / 1024.0
+def process_costs() -> tuple[float, float]:
+    """(CPU seconds, peak RSS MiB) of one ``mail-selfcheck run`` against a fresh Dovecot stack."""
+    with MailStack() as stack:
+        env = {**os.environ, **stack.probe_env()}
+        code = (
+            "import resource, sys; from mail_selfcheck.cli import main\n"
+            "try:\n    main(['run'])\nexcept SystemExit:\n    pass\n"
+            "u = resource.getrusage(resource.RUSAGE_SELF)\n"
+            "print(u.ru_utime + u.ru_stime, u.ru_maxrss)"
+        )
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        cpu, rss = proc.stdout.split()[-2:]
+        return float(cpu), int(rss) / 1024.0
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--runs", type=int, default=10, help="runs per strategy at ~5 s")
+    parser.add_argument("--fast-runs", type=int, default=15, help="runs per strategy at ~10 ms")
+    parser.add_argument("--servers", default="dovecot,cyrus,courier")
+    parser.add_argument("--before", help="an earlier detect.py, measured as 'adaptive (before)'")
     args = parser.parse_args()
     configure_logging(verbose=False)
-    with MailStack() as stack:
-        rows = []
-        for name, extra in STRATEGIES:
-            values = measure(stack, extra, args.runs)
-            rows.append((name, statistics.median(values), _pct(values, 0.95)))
-        base = rows[2][1]
-        print(f"detection overhead over {args.runs} runs (ms after Dovecot stored the message)")
-        print(f"{'strategy':<20} {'median':>8} {'p95':>8} {'median / poll-100ms':>20}")
-        for name, median, p95 in rows:
-            print(f"{name:<20} {median:8.1f} {p95:8.1f} {median / base:20.2f}")
-        print(f"import time of mail_selfcheck.probe.main: {import_time_ms():.1f} ms (python -X importtime, cumulative)")
-        print(f"peak RSS of one run: {peak_rss_mb(stack):.1f} MiB")
+    strategies = dict(STRATEGIES)
+    modules = {}
+    if args.before:
+        strategies["adaptive (before)"] = {P + "IMAP_DETECTION": "adaptive"}
+        modules["adaptive (before)"] = _load_before(args.before)
+    socket.setdefaulttimeout(None)
+    lines = []
+    for name in args.servers.split(","):
+        lines += bench_server(name.strip(), args.runs, args.fast_runs, strategies, modules)
+    print("\n=== summary (overhead = reported arrival - server stored it) ===")
+    print("\n".join(lines))
+    cpu, rss = process_costs()
+    print(f"\nimport time of mail_selfcheck.probe.main: {import_time_ms():.1f} ms (python -X importtime, cumulative)")
+    print(f"one `mail-selfcheck run` (Dovecot, ~10 ms delivery): CPU {cpu:.2f} s, peak RSS {rss:.1f} MiB")
 
 
 if __name__ == "__main__":

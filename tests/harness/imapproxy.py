@@ -33,13 +33,23 @@ Personalities (each reproduces one documented behaviour; the tests cite the sour
 * :class:`IdleRefused` -- ``IDLE`` advertised, but answered ``NO``.
 * :class:`BadCharset` -- a SEARCH with ``CHARSET`` is refused ``NO [BADCHARSET (US-ASCII)]``
   (Exchange).
+* :class:`SilentIdle` -- IDLE is accepted but nothing is ever pushed while it lasts: every
+  untagged response between ``+`` and the client's ``DONE`` is dropped (what is pending is
+  reported after ``DONE``, as RFC 3501 7 lets a server do at command completion); Courier-IMAP
+  with Debian's ``IMAP_ENHANCEDIDLE=0``, Cyrus without ``idled``.
+* :class:`Personality` itself changes nothing: a transparent proxy that counts commands.
 
 Use::
 
     with ImapProxy(stack, Gmail()) as proxy:
         env = stack.probe_env(to_user="gmail", imap_security="plain", imap_port=proxy.port)
 
-``proxy.commands`` lists every client command line (bytes, without CRLF; LOGIN redacted).
+``proxy.commands`` lists every client command line (bytes, without CRLF; LOGIN redacted);
+``proxy.command_count()`` counts them (``DONE`` is a continuation, not a command) and
+``proxy.command_names()`` counts them per name (``NOOP``, ``UID SEARCH`` ...).
+``ImapProxy(stack, personality, upstream_port=...)`` proxies another server's plain IMAP port
+(default ``stack.imap_port``: Dovecot's, or the Cyrus/Courier stack's own). Both sockets have
+``TCP_NODELAY``: without it every two-line answer waited for the client's delayed ACK (~40 ms).
 """
 
 from __future__ import annotations
@@ -69,6 +79,7 @@ class Session:
     searched: set = field(default_factory=set)  # UIDs SEARCH returned, not yet announced by a NOOP
     announced: set = field(default_factory=set)  # UIDs a NOOP has announced since
     dead: bool = False
+    idle_done: bool = False  # the client sent DONE; the IDLE's completion has not come yet
 
 
 @dataclass(frozen=True)
@@ -223,6 +234,21 @@ class BadCharset(Personality):
         return None
 
 
+class SilentIdle(Personality):
+    """IDLE that never pushes: untagged responses while IDLE lasts (before ``DONE``) are
+    dropped; the server reports them again at the next command's completion (Dovecot re-sends
+    ``* n EXISTS`` after ``DONE`` or at the next NOOP since the client has not seen it)."""
+
+    def __init__(self):
+        self.dropped = 0
+
+    def response(self, s, line):
+        if s.idle_tag is not None and not s.idle_done and line.startswith(b"* "):
+            self.dropped += 1
+            return b""
+        return None
+
+
 class Gmail(CapabilityEdit):
     """Gmail's labels, All Mail and Trash (see the module doc)."""
 
@@ -308,8 +334,9 @@ class ImapProxy:
     ``start()``/``stop()`` or a context manager; ``port`` is the listening port (int).
     """
 
-    def __init__(self, stack, personality: Personality):
+    def __init__(self, stack, personality: Personality, upstream_port: int | None = None):
         self.stack = stack
+        self.upstream_port = upstream_port or stack.imap_port
         self.personality = personality
         personality.proxy = self
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -333,6 +360,21 @@ class ImapProxy:
         threading.Thread(target=self._accept, daemon=True, name="imapproxy-accept").start()
         return self
 
+    def command_count(self) -> int:
+        """Number of client commands so far (``DONE`` not included)."""
+        return len(self.commands)
+
+    def command_names(self) -> "dict[str, int]":
+        """Commands so far per name (``UID X`` for UID commands), e.g. ``{"NOOP": 12, ...}``."""
+        counts: dict[str, int] = {}
+        for line in list(self.commands):
+            words = line.split(b" ")
+            name = words[1].upper().decode(errors="replace") if len(words) > 1 else ""
+            if name == "UID" and len(words) > 2:
+                name += " " + words[2].upper().decode(errors="replace")
+            counts[name] = counts.get(name, 0) + 1
+        return counts
+
     def stop(self) -> None:
         self._stopped.set()
         for sock in [self._listener, *self._socks]:
@@ -348,8 +390,10 @@ class ImapProxy:
                 client, _ = self._listener.accept()
             except OSError:
                 return
-            upstream = socket.create_connection((HOST, self.stack.imap_port), timeout=10)
+            upstream = socket.create_connection((HOST, self.upstream_port), timeout=10)
             upstream.settimeout(None)
+            for sock in (client, upstream):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self._socks += [client, upstream]
             with self._lock:
                 session = Session(number=len(self.sessions) + 1)
@@ -379,6 +423,7 @@ class ImapProxy:
                     if self.personality.before_done(s):
                         s.dead = True
                         continue
+                    s.idle_done = True
                     upstream.sendall(data)
                     continue
                 words = data.split(b" ", 3)
@@ -402,6 +447,7 @@ class ImapProxy:
                 s.pending[tag] = (name, data)
                 if name == "IDLE":
                     s.idle_tag = tag
+                    s.idle_done = False
                 upstream.sendall(data)
         except OSError:
             pass
@@ -440,6 +486,7 @@ class ImapProxy:
                         s.searched.clear()
                     if name == "IDLE":
                         s.idle_tag = None
+                        s.idle_done = False
                     self.personality.completed(s, t.group(1), name, line, status)
                 with wlock:  # what follows a literal is read as the next "line"
                     client.sendall(out + literal)

@@ -136,6 +136,19 @@ class ProbeSettings(BaseSettings):
             raise ValueError("must be an http:// or https:// URL")
         return value
 
+    @field_validator("imap_expected_arrival")
+    @classmethod
+    def _expected_arrival(cls, value: str | None) -> str | None:
+        for part in (value or "").split(","):
+            if part.strip():
+                try:
+                    seconds = float(part)
+                except ValueError:
+                    raise ValueError(f"{part.strip()!r} is not a number of seconds") from None
+                if not 0 <= seconds < 86400:
+                    raise ValueError(f"{part.strip()} is not a number of seconds between 0 and 86400")
+        return value
+
     @field_validator("tls_ca_file")
     @classmethod
     def _ca_file(cls, value: Path | None) -> Path | None:

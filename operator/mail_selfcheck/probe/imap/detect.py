@@ -1,20 +1,46 @@
 """Arrival detection (``imap_detection``) and fetching the arrived message.
 
-* ``adaptive`` (default): NOOP every 10 ms for the first 2 s (a NOOP is one loopback round
-  trip; RFC 3501 6.1.2 lets the server report new mail as an untagged EXISTS), a
-  ``UID SEARCH UID <uidnext>:* HEADER X-Selfcheck-Token <nonce>`` only when EXISTS grows
-  (and once a second regardless). After 2 s it waits in IDLE (RFC 2177) where offered,
-  re-issued every 5 s, else NOOP with exponential backoff up to 2 s: fast in the common
-  case, quiet on long waits.
-* ``idle``: IDLE from the start (Dovecot notifies about 0.5 s after delivery).
+Sources: RFC 3501 (NOOP 6.1.2: the server reports new mail as an untagged ``* n EXISTS``
+in any command's response; UID SEARCH 6.4.4), RFC 2177 (IDLE). All durations are seconds;
+elapsed times are counted from the SMTP submission's final reply (the start of detection).
+
+* ``adaptive`` (default) follows a :class:`Plan`:
+
+  - **No history** (the first check): NOOP polls whose gap grows with the time waited,
+    ``max(FAST_POLL, POLL_GROWTH * elapsed)``: every 10 ms for the first 0.1 s, then 10 % of
+    the time waited, at most :data:`SLOW_POLL_MAX` (a 2 s delivery is seen within ~0.2 s, a
+    10 ms one within ~10 ms): paced polling. Once this server's IDLE (RFC 2177) has pushed
+    something in this process, waits longer than :data:`IDLE_MIN` are IDLEs of up to
+    :data:`IDLE_RENEW` instead (a push ends them at once).
+  - **History** (``imap_expected_arrival``: recent reception times, from the controller or
+    from earlier runs of this process, ``run --loop``): a short fast start (until
+    :data:`FAST_START_PLANNED`), then one IDLE (or a plain sleep) until shortly before the
+    earliest recent arrival, NOOP every :data:`DENSE_POLL` through the window of recent
+    arrivals (widened by :data:`WINDOW_LEAD` + :data:`WINDOW_LEAD_SHARE` of the median on both
+    sides), then the no-history pacing, counted from the window's end.
+
+  Dovecot notifies an IDLE about 0.5 s after delivery (``NOTIFY_DELAY_MSECS`` in its
+  ``mailbox-watch.c``); a NOOP is answered from the current state. Courier-IMAP (Debian's
+  ``IMAP_ENHANCEDIDLE=0``) and Cyrus without ``idled`` never push during IDLE, and Dovecot's
+  completion of ``DONE`` does not report what it has not pushed yet. So IDLE is only a cheap
+  way to wait (before the window, or once the server is known to push), never the clock: the
+  checks that time the arrival are NOOPs.
+* ``idle``: IDLE from the start (re-issued every :data:`IDLE_RENEW`).
 * ``poll``: NOOP + search at a fixed ``imap_poll_interval``.
+
+``reception_time`` is the moment the server's state first showed a new message: the
+response (NOOP, an IDLE push, or the completion of ``DONE``) that announced the ``EXISTS``
+growth that the following ``UID SEARCH UID <uidnext>:* HEADER X-Selfcheck-Token <nonce>``
+confirmed; the search, NOOP and ``DONE`` round trips after it are not counted. The search
+runs only when ``EXISTS`` grew, plus a safety search with each junk check.
 
 Every search follows a NOOP: some servers' SEARCH reflects the mailbox as of the last
 NOOP/SELECT, not as announced during IDLE (Gmail; MailKit issue 835). A FETCH that comes back
 empty (maddy answers a UID it has not announced yet with nothing) is retried after a NOOP:
 it is never an integrity verdict. A final search runs before a timeout is declared. The
-junk folder is checked with ``STATUS (UIDNEXT)`` every few seconds and at the end: a message
-there is reported as ``delivered to junk``.
+junk folder is checked with ``STATUS (UIDNEXT)`` (without history 1 s after the start, with
+history at the end of the window, then every :data:`JUNK_CHECK_EVERY` and at the end): a
+message there is reported as ``delivered to junk``.
 
 A session that breaks or stops answering (per-command timeout, :mod:`.session`) is
 reopened and detection goes on, within the run's deadline.
@@ -22,7 +48,11 @@ reopened and detection goes on, within the run's deadline.
 
 from __future__ import annotations
 
+import socket
+import statistics
 import time
+from collections import deque
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from imapclient.exceptions import IMAPClientError
@@ -33,18 +63,130 @@ from ..message import TOKEN_HEADER
 if TYPE_CHECKING:
     from .session import Found, Mailbox
 
-FAST_PHASE = 2.0  # seconds of fast NOOP polling in adaptive mode
-FAST_POLL = 0.01  # seconds between NOOPs in the fast phase
-SLOW_POLL_MAX = 2.0  # seconds, NOOP backoff cap without IDLE
-IDLE_RENEW = 5.0  # seconds an IDLE lasts before it is re-issued
+FAST_POLL = 0.01  # seconds: the smallest gap between two NOOPs
+POLL_GROWTH = 0.1  # share of the time waited used as the gap between checks
+FAST_START_PLANNED = 0.03  # seconds of fast polling when history expects the message later
+DENSE_POLL = 0.03  # seconds between NOOPs inside the expected-arrival window
+MAX_WINDOW_POLLS = 12  # a wider window polls less densely (at most 0.1 s apart)
+WINDOW_LEAD = 0.05  # seconds added before the earliest and after the latest recent arrival...
+WINDOW_LEAD_SHARE = 0.01  # ... plus this share of their median
+IDLE_MIN = 0.3  # seconds: shorter waits are sleeps, longer ones IDLE (where offered)
+SLOW_POLL_MAX = 1.0  # seconds: longest wait between two checks while IDLE has never pushed
+IDLE_RENEW = 5.0  # seconds: longest IDLE (once the server's IDLE has pushed)
 JUNK_CHECK_EVERY = 3.0  # seconds between STATUS checks of the junk folder
+HISTORY = 10  # recent reception times kept per mailbox in this process (run --loop)
 EMPTY_FETCH_RETRY = 0.05  # seconds before the first retry of an empty FETCH (doubles, max 1 s)
 
+#: Reception times (seconds) seen by earlier runs of this process, per (server, login, folder).
+_recent: dict[tuple, deque] = {}
+#: Servers whose IDLE has pushed a response in this process (IDLE may then last IDLE_RENEW).
+_pushing: set[str] = set()
 
-def _found(folder: str, uid: int) -> "Found":
-    from .session import Found
 
-    return Found(folder, uid, time.monotonic())
+@dataclass(frozen=True)
+class Plan:
+    """When to look, in seconds after the submission (see the module doc).
+
+    ``fast_until``: end of the initial fast polling; ``window``: ``(start, end)`` of dense
+    polling around the expected arrival, or ``None`` without history; ``dense``: the gap
+    between NOOPs inside the window."""
+
+    fast_until: float
+    window: tuple[float, float] | None = None
+    dense: float = DENSE_POLL
+
+
+def plan(recent: list[float]) -> Plan:
+    """The :class:`Plan` for recent reception times ``recent`` (seconds; any order).
+
+    Values far from their median (below half or above twice of it) are ignored, so one
+    outlier does not stretch the window."""
+    values = [v for v in recent if v >= 0]
+    if not values:
+        return Plan(fast_until=0.0)
+    median = statistics.median(values)
+    near = [v for v in values if median / 2 <= v <= median * 2] or [median]
+    lead = WINDOW_LEAD + WINDOW_LEAD_SHARE * median
+    start, end = max(0.0, min(near) - lead), max(near) + lead
+    dense = min(0.1, max(DENSE_POLL, (end - start) / MAX_WINDOW_POLLS))
+    return Plan(fast_until=min(FAST_START_PLANNED, start), window=(start, end), dense=dense)
+
+
+def next_check(p: Plan, elapsed: float, slow_max: float = SLOW_POLL_MAX) -> float:
+    """Seconds to wait, ``elapsed`` seconds after the submission, before the next check
+    (a NOOP, or the end of an IDLE); at most ``slow_max``."""
+    if elapsed < p.fast_until:
+        return min(max(FAST_POLL, POLL_GROWTH * elapsed), p.fast_until - elapsed + FAST_POLL)
+    if p.window is None:
+        return min(slow_max, max(FAST_POLL, POLL_GROWTH * elapsed))
+    start, end = p.window
+    if elapsed < start:
+        return start - elapsed  # nothing expected before the window: one wait
+    if elapsed <= end:
+        return min(p.dense, max(FAST_POLL, POLL_GROWTH * elapsed))
+    return min(slow_max, p.dense + POLL_GROWTH * (elapsed - end))
+
+
+def before_window(p: Plan, elapsed: float) -> bool:
+    """True between the fast start and the expected-arrival window (nothing expected yet)."""
+    return p.window is not None and p.fast_until <= elapsed < p.window[0]
+
+
+def _key(box: "Mailbox") -> tuple:
+    return (box.server, box.settings.imap_login, box.folder)
+
+
+def recent_arrivals(box: "Mailbox") -> list[float]:
+    """Reception times to plan with: ``imap_expected_arrival`` plus those of earlier runs of
+    this process on the same mailbox (newest :data:`HISTORY`)."""
+    configured = list(getattr(box.settings, "imap_expected_arrivals", []) or [])
+    return (configured + list(_recent.get(_key(box), ())))[-HISTORY:]
+
+
+def remember_arrival(box: "Mailbox", seconds: float) -> None:
+    """Keep a reception time (seconds) for the next runs of this process."""
+    _recent.setdefault(_key(box), deque(maxlen=HISTORY)).append(seconds)
+
+
+class _Watch:
+    """Detection state that outlives a reconnect."""
+
+    def __init__(self, box: "Mailbox", strategy: str, start: float):
+        self.strategy = strategy
+        self.start = start
+        self.plan = plan(recent_arrivals(box)) if strategy == "adaptive" else Plan(fast_until=0.0)
+        first_junk = self.plan.window[1] if self.plan.window else 1.0
+        self.next_junk = start + first_junk
+        self.search_now = False  # search at the next check regardless of EXISTS (new session)
+        self.grown_at: float | None = None  # when EXISTS last grew, not yet searched
+        self.synced_at = start  # when the last NOOP/DONE completed
+
+    def absorb(self, box: "Mailbox", responses, at: float) -> bool:
+        """Track ``* n EXISTS`` / ``* n EXPUNGE`` in ``responses`` received at ``at``; True if
+        EXISTS grew."""
+        grown = False
+        for item in responses:
+            if not (isinstance(item, tuple) and len(item) >= 2 and item[1] in (b"EXISTS", b"EXPUNGE")):
+                continue
+            try:
+                int(item[0])
+            except (TypeError, ValueError):
+                continue
+            if item[1] == b"EXISTS":
+                if int(item[0]) > box.exists:
+                    grown = True
+                box.exists = int(item[0])
+            elif item[1] == b"EXPUNGE" and box.exists > 0:
+                box.exists -= 1
+        if grown and self.grown_at is None:
+            self.grown_at = at
+        return grown
+
+    def found(self, folder: str, uid: int) -> "Found":
+        """A :class:`~.session.Found` dated at the announcement (see the module doc)."""
+        from .session import Found
+
+        return Found(folder, uid, self.grown_at if self.grown_at is not None else self.synced_at)
 
 
 def search(box: "Mailbox", uidnext: int, nonce: str) -> list[int]:
@@ -56,36 +198,40 @@ def search(box: "Mailbox", uidnext: int, nonce: str) -> list[int]:
     return sorted(u for u in uids if u >= uidnext)
 
 
-def _grown(box: "Mailbox", responses) -> bool:
-    grown = False
-    for item in responses:
-        if isinstance(item, tuple) and len(item) == 2 and item[1] == b"EXISTS":
-            if int(item[0]) > box.exists:
-                grown = True
-            box.exists = int(item[0])
-    return grown
+def _noop(box: "Mailbox", w: _Watch) -> bool:
+    responses = box.client.noop()[1]
+    w.synced_at = time.monotonic()
+    return w.absorb(box, responses, w.synced_at)
 
 
-def _idle(box: "Mailbox", seconds: float, deadline: float) -> bool:
+def _idle(box: "Mailbox", w: _Watch, seconds: float, deadline: float) -> bool:
+    """One IDLE of at most ``seconds``, ended by DONE as soon as EXISTS grows; True if it grew
+    (pushed, or reported at the completion of DONE)."""
     try:
         early = box.client.idle()
     except IMAPClientError as exc:
         if not str(exc).startswith("IDLE failed"):
             raise
         box.idle_refused = True  # advertised but refused: poll from now on
-        return _noop(box)
+        return _noop(box, w)
     box.idling = True
+    grown = w.absorb(box, early, time.monotonic())
+    end = time.monotonic() + seconds
     try:
-        responses = box.client.idle_check(timeout=seconds)
+        while not grown:
+            left = min(end, deadline) - time.monotonic()
+            if left <= 0:
+                break
+            responses = box.client.idle_check(timeout=left)
+            if responses:
+                _pushing.add(box.server)  # this server's IDLE pushes: longer IDLEs are fine
+                grown = w.absorb(box, responses, time.monotonic())
     finally:
         box.arm(deadline)
         box.idling = False
         done = box.client.idle_done()
-    return _grown(box, list(early) + list(responses) + list(done[1] if done else []))
-
-
-def _noop(box: "Mailbox") -> bool:
-    return _grown(box, box.client.noop()[1])
+    w.synced_at = time.monotonic()
+    return w.absorb(box, list(done[1] if done else []), w.synced_at) or grown
 
 
 def _check_junk(box: "Mailbox", nonce: str, every_uid: bool = False) -> "Found | None":
@@ -93,11 +239,14 @@ def _check_junk(box: "Mailbox", nonce: str, every_uid: bool = False) -> "Found |
     for junk, uidnext in box.junk_uidnext.items():
         if not every_uid and box.status_uidnext(junk) <= uidnext:
             continue
+        seen = time.monotonic()
         box.client.select_folder(junk, readonly=True)
         try:
             uids = search(box, 1 if every_uid else uidnext, nonce)
             if uids:
-                return _found(junk, uids[0])
+                from .session import Found
+
+                return Found(junk, uids[0], seen)
         finally:
             box.reselect()
     return None
@@ -112,21 +261,23 @@ def wait_for(box: "Mailbox", nonce: str, deadline: float) -> "Found":
         deadline: ``time.monotonic()`` value at which to give up.
 
     Returns:
-        Where and when the message was seen (the watched folder, or the junk folder).
+        Where the message was seen and ``seen_at``: the ``time.monotonic()`` moment the
+        server's response first showed it (see the module doc), not when the search ended.
+        The run's reception time (seconds) is remembered for later runs of this process.
 
     Raises:
         ProbeFailure: ``timeout`` (not received; the message says within how many seconds),
             ``imap_connect`` / ``imap_tls`` when the session breaks and cannot be reopened.
     """
-    strategy = box.settings.imap_detection
     start = time.monotonic()
-    delay = box.settings.imap_poll_interval if strategy == "poll" else FAST_POLL
-    last_search = start
-    next_junk = start + 1.0
+    w = _Watch(box, box.settings.imap_detection, start)
     while True:
         try:
-            found = _wait_session(box, nonce, deadline, strategy, start, delay, last_search, next_junk)
+            _no_delay(box)
+            found = _wait_session(box, nonce, deadline, w)
             if found is not None:
+                if found.folder == box.folder:
+                    remember_arrival(box, found.seen_at - start)
                 return found
             break
         except (OSError, IMAPClientError) as exc:
@@ -136,13 +287,23 @@ def wait_for(box: "Mailbox", nonce: str, deadline: float) -> "Found":
                 box.reconnect(deadline)
             except ProbeFailure as failure:
                 raise box.fail_network(exc, "lost connection to") from failure
-            last_search = 0.0  # search at once on the new session
+            w.search_now = True  # search at once on the new session
     budget = box.settings.timeout
     raise ProbeFailure("timeout", f"Message not received within {budget:g} seconds")
 
 
-def _wait_session(box, nonce, deadline, strategy, start, delay, last_search, next_junk) -> "Found | None":
+def _no_delay(box: "Mailbox") -> None:
+    """``TCP_NODELAY`` on the IMAP socket: without it a command that follows a response of
+    several TCP segments waits for the delayed ACK (~40 ms on Linux)."""
+    try:
+        box.client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):
+        pass
+
+
+def _wait_session(box: "Mailbox", nonce: str, deadline: float, w: _Watch) -> "Found | None":
     """Detection on the current session; ``None`` at the deadline. Network errors propagate."""
+    settings = box.settings
     while True:
         has_idle = box.client.has_capability("IDLE") and not box.idle_refused
         now = time.monotonic()
@@ -150,34 +311,45 @@ def _wait_session(box, nonce, deadline, strategy, start, delay, last_search, nex
         if remaining <= 0:
             break
         box.arm(deadline)
-        use_idle = has_idle and (strategy == "idle" or (strategy == "adaptive" and now - start >= FAST_PHASE))
-        if use_idle:
-            grown = _idle(box, min(IDLE_RENEW, remaining, max(0.05, next_junk - now)), deadline)
+        elapsed = now - w.start
+        used_idle = False
+        if w.search_now or w.strategy == "poll":
+            wait = settings.imap_poll_interval if w.strategy == "poll" else 0.0
+            grown = _noop(box, w)
+        elif w.strategy == "idle" and has_idle:
+            wait, used_idle = 0.0, True
+            grown = _idle(box, w, min(IDLE_RENEW, remaining, max(0.05, w.next_junk - now)), deadline)
         else:
-            grown = _noop(box)
+            slow_max = IDLE_RENEW if box.server in _pushing else SLOW_POLL_MAX
+            wait = min(next_check(w.plan, elapsed, slow_max), remaining, max(0.01, w.next_junk - now))
+            if has_idle and wait >= IDLE_MIN and (box.server in _pushing or before_window(w.plan, elapsed)):
+                grown = _idle(box, w, wait, deadline)
+                wait, used_idle = 0.0, True
+            else:
+                grown = _noop(box, w)
         now = time.monotonic()
-        if grown or strategy == "poll" or now - last_search >= 1.0:
-            last_search = now
-            if use_idle:
-                _noop(box)  # SEARCH may only see what the last NOOP/SELECT saw
+        junk_due = now >= w.next_junk
+        if grown or w.search_now or w.strategy == "poll" or junk_due:
+            if used_idle:
+                _noop(box, w)  # SEARCH may only see what the last NOOP/SELECT saw
+            w.search_now = False
             uids = search(box, box.uidnext, nonce)
             if uids:
-                return _found(box.folder, uids[0])
-        if now >= next_junk:
-            next_junk = now + JUNK_CHECK_EVERY
+                return w.found(box.folder, uids[0])
+            w.grown_at = None
+        if junk_due:
+            w.next_junk = now + JUNK_CHECK_EVERY
             found = _check_junk(box, nonce)
             if found:
                 return found
-        if not use_idle:
-            if strategy == "adaptive" and now - start >= FAST_PHASE:
-                delay = min(SLOW_POLL_MAX, max(delay, 0.1) * 1.5)
-            time.sleep(max(0.0, min(delay, deadline - time.monotonic())))
+        if wait > 0:
+            time.sleep(max(0.0, min(wait, deadline - time.monotonic())))
     # final explicit search before declaring a timeout
     box.arm(deadline + 2.0)
-    _noop(box)
+    _noop(box, w)
     uids = search(box, box.uidnext, nonce)
     if uids:
-        return _found(box.folder, uids[0])
+        return w.found(box.folder, uids[0])
     return _check_junk(box, nonce, every_uid=True)
 
 
