@@ -176,7 +176,7 @@ class Mailbox:
                 imap_oauth2(client, s.imap_login, token, host=s.imap_host, port=s.imap_port_effective,
                             server=self.server, forced=s.oauth2_mechanism)
             except (OSError, socket.timeout) as exc:
-                raise self.fail_network(exc, "mailbox unavailable: login failed at") from exc
+                raise self.fail_network(exc, "login failed at") from exc
             self.timings.setdefault("imap_login", round(time.monotonic() - connected, 4))
             return
         try:
@@ -203,7 +203,7 @@ class Mailbox:
                 f"{basic_auth_hint(text(exc), offered)}",
             ) from exc
         except (OSError, IMAPClientError) as exc:
-            raise self.fail_network(exc, "mailbox unavailable: login failed at") from exc
+            raise self.fail_network(exc, "login failed at") from exc
         self.timings.setdefault("imap_login", round(time.monotonic() - connected, 4))
 
     def _connect_failure(self, exc: BaseException, greeting: float) -> ProbeFailure:
@@ -211,10 +211,10 @@ class Mailbox:
         if timed_out and self.settings.imap_security != "tls" and self._tcp_was_up:
             return ProbeFailure(
                 "imap_connect",
-                f"mailbox unavailable: IMAP server {self.server} accepted the connection but sent no greeting "
+                f"IMAP server {self.server} accepted the connection but sent no greeting "
                 f"within {greeting:g} seconds (does this port expect implicit TLS? try security tls)",
             )
-        return self.fail_network(exc, "mailbox unavailable: cannot reach")
+        return self.fail_network(exc, "cannot reach")
 
     def open(self, deadline: float) -> None:
         """Connect, log in as TO, SELECT the watched folder, record UIDVALIDITY/UIDNEXT and
@@ -238,7 +238,7 @@ class Mailbox:
                 f"server {self.server}: {text(exc)}",
             ) from exc
         except OSError as exc:
-            raise self.fail_network(exc, "mailbox unavailable: lost connection to") from exc
+            raise self.fail_network(exc, "lost connection to") from exc
         try:
             listing = self.client.list_folders()
         except (IMAPClientError, OSError):
