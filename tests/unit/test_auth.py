@@ -109,18 +109,27 @@ def _form(data) -> dict:
     return dict(data)
 
 
-def test_microsoft_app_only_preset(monkeypatch):
-    tenant = "contoso.onmicrosoft.com"
-    base = f"https://login.microsoftonline.com/{tenant}"
+TENANT = "contoso.onmicrosoft.com"
+ENTRA = f"https://login.microsoftonline.com/{TENANT}"
+
+
+def _entra(monkeypatch, token_answer: dict) -> Recorder:
+    """The Microsoft identity platform's discovery document and token endpoint, as documented."""
     recorder = Recorder({
         "/v2.0/.well-known/openid-configuration": {
-            "token_endpoint": f"{base}/oauth2/v2.0/token", "authorization_endpoint": f"{base}/oauth2/v2.0/authorize",
-            "issuer": f"https://login.microsoftonline.com/{tenant}/v2.0"},
-        "/oauth2/v2.0/token": {"access_token": "eyJ0-access", "expires_in": 3599, "token_type": "Bearer"},
+            "token_endpoint": f"{ENTRA}/oauth2/v2.0/token", "authorization_endpoint": f"{ENTRA}/oauth2/v2.0/authorize",
+            "issuer": f"{ENTRA}/v2.0"},
+        "/oauth2/v2.0/token": token_answer,
     })
     import mail_selfcheck.probe.auth.tokens as tokens
 
     monkeypatch.setattr(tokens, "_TimeoutSession", lambda http, timeout: recorder)
+    return recorder
+
+
+def test_microsoft_app_only_preset(monkeypatch):
+    tenant, base = TENANT, ENTRA
+    recorder = _entra(monkeypatch, {"access_token": "eyJ0-access", "expires_in": 3599, "token_type": "Bearer"})
     config = OAuth2Config(provider="microsoft", tenant=tenant, client_id="11111111-2222", client_secret="s3cr3t~value")
     token = fetch(config, "imap", "monitor@contoso.com", timeout=10)
     assert token.value == "eyJ0-access" and token.expires_in == 3599
@@ -132,20 +141,9 @@ def test_microsoft_app_only_preset(monkeypatch):
 
 
 def test_microsoft_refusal_is_reported_with_its_aadsts_code(monkeypatch):
-    tenant = "contoso.onmicrosoft.com"
-    base = f"https://login.microsoftonline.com/{tenant}"
-    recorder = Recorder({
-        "/v2.0/.well-known/openid-configuration": {
-            "token_endpoint": f"{base}/oauth2/v2.0/token", "authorization_endpoint": f"{base}/oauth2/v2.0/authorize",
-            "issuer": f"{base}/v2.0"},
-        "/oauth2/v2.0/token": {"error": "invalid_client",
-                               "error_description": "AADSTS7000215: Invalid client secret provided."},
-    })
-    import mail_selfcheck.probe.auth.tokens as tokens
-
-    monkeypatch.setattr(tokens, "_TimeoutSession", lambda http, timeout: recorder)
+    _entra(monkeypatch, {"error": "invalid_client", "error_description": "AADSTS7000215: Invalid client secret provided."})
     with pytest.raises(TokenError) as info:
-        fetch(OAuth2Config(provider="microsoft", tenant=tenant, client_id="c", client_secret="wrong"), "smtp", "m@x", 10)
+        fetch(OAuth2Config(provider="microsoft", tenant=TENANT, client_id="c", client_secret="wrong"), "smtp", "m@x", 10)
     assert info.value.error_class == "oauth2_invalid_client" and "AADSTS7000215" in str(info.value)
     assert "wrong" not in str(info.value)
 

@@ -155,11 +155,7 @@ def smtp_oauth2(smtp: smtplib.SMTP, login: str, token: str, *, host: str, port: 
         ProbeFailure: ``oauth2_rejected`` with the server's reply and its error challenge.
     """
     offered = smtp.esmtp_features.get("auth", "").split()
-    mechanism = sasl.choose(offered, forced)
-    if mechanism is None:
-        wanted = forced or " or ".join(sasl.PREFERENCE)
-        raise ProbeFailure("oauth2_rejected", f"SMTP server {server} offers no {wanted} for {login} "
-                                              f"(it offers: {' '.join(offered) or 'no AUTH'})")
+    mechanism = _mechanism(offered, forced, f"SMTP server {server}", login, "no AUTH")
     challenges: list[bytes] = []
 
     def respond(challenge: bytes | None = None) -> str:
@@ -189,11 +185,7 @@ def imap_oauth2(client: Any, login: str, token: str, *, host: str, port: int, se
     from imapclient.exceptions import IMAPClientError
 
     offered = [c.decode().split("=", 1)[1] for c in client.capabilities() if c.upper().startswith(b"AUTH=")]
-    mechanism = sasl.choose(offered, forced)
-    if mechanism is None:
-        wanted = forced or " or ".join(sasl.PREFERENCE)
-        raise ProbeFailure("oauth2_rejected", f"IMAP server {server} offers no {wanted} for {login} "
-                                              f"(it offers: {' '.join(offered) or 'no AUTHENTICATE'})")
+    mechanism = _mechanism(offered, forced, f"IMAP server {server}", login, "no AUTHENTICATE")
     challenges: list[bytes] = []
     sent = False
 
@@ -212,6 +204,15 @@ def imap_oauth2(client: Any, login: str, token: str, *, host: str, port: int, se
         detail = f"; server said {sasl.describe_error_challenge(challenges[0])}" if challenges else ""
         raise ProbeFailure("oauth2_rejected", f"IMAP server {server} refused the OAuth2 token of {login} "
                                               f"(AUTHENTICATE {mechanism}): {_text(exc)}{detail}") from None
+    return mechanism
+
+
+def _mechanism(offered: list[str], forced: str | None, where: str, login: str, none: str) -> sasl.Mechanism:
+    """The bearer mechanism to use, or ``oauth2_rejected`` naming what the server offers instead."""
+    mechanism = sasl.choose(offered, forced)
+    if mechanism is None:
+        wanted = forced or " or ".join(sasl.PREFERENCE)
+        raise ProbeFailure("oauth2_rejected", f"{where} offers no {wanted} for {login} (it offers: {' '.join(offered) or none})")
     return mechanism
 
 
