@@ -17,7 +17,7 @@ from mail_selfcheck.models.settings import WEBHOOK_KINDS, ProbeSettings, describ
 from mail_selfcheck.probe.report import Heartbeat, build_signal, nagios_line, nagios_unknown
 
 OK = ProbeResult(success=True, send_time=0.15, reception_time=2.34, duration=2.6)
-BAD = ProbeResult(success=False, error="mailbox unavailable: cannot reach IMAP server", error_class="imap_connect",
+BAD = ProbeResult(success=False, error="cannot reach IMAP server imap.example.test:993: timed out", error_class="imap_connect",
                   duration=0.4)
 RID = "0f8fad5b-d9cb-469f-a165-70867728950e"
 
