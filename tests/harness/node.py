@@ -175,7 +175,9 @@ def _buildah(*args: str, check: bool = True, timeout: float = 600) -> subprocess
 def _image_id(name: str) -> str | None:
     proc = _buildah("inspect", "--type", "image", "--format", "{{.FromImageID}}", name,
                     check=False)
-    return proc.stdout.strip() or None if proc.returncode == 0 else None
+    if proc.returncode != 0:
+        return None
+    return proc.stdout.strip() or None
 
 
 def build_pause_image() -> None:
