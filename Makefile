@@ -3,7 +3,7 @@ PY   ?= python3
 VENV := .venv
 BIN  := $(VENV)/bin
 
-.PHONY: test demo system-deps venv control-plane servers
+.PHONY: test demo system-deps venv control-plane servers gatus
 
 ## Debian packages the tests need (Postfix, Dovecot, buildah, ...); idempotent.
 system-deps:
@@ -26,8 +26,13 @@ control-plane: venv
 servers:
 	bash hack/install-servers.sh
 
+## Gatus (a real heartbeat receiver for the heartbeat tests), built from the Go module proxy,
+## cached in ~/.cache/mail-selfcheck/gatus-*.
+gatus: venv
+	$(BIN)/python -m tests.harness.gatus build
+
 ## The whole test suite: unit, real Postfix+Dovecot (+ Cyrus, Courier, GreenMail), real Kubernetes control plane.
-test: system-deps venv control-plane servers
+test: system-deps venv control-plane servers gatus
 	$(BIN)/pytest
 
 ## One-command demo: control plane + mail stack + operator + a sample MailSelfcheck.

@@ -48,7 +48,7 @@ def test_job_spec_follows_cronjob_conventions():
         "uid": "uid-1", "controller": True, "blockOwnerDeletion": True,
     }
     assert pod["restartPolicy"] == "Never" and spec["backoffLimit"] <= 2
-    assert 8 < spec["activeDeadlineSeconds"] <= 8 + 30
+    assert 8 < spec["activeDeadlineSeconds"] <= 8 + 45
     assert spec["ttlSecondsAfterFinished"] >= 3600
     container = pod["containers"][0]
     assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
@@ -199,3 +199,15 @@ def test_oauth2_spec_becomes_settings_the_probe_accepts(monkeypatch):
     assert settings.oauth2_tenant == "contoso.onmicrosoft.com" and settings.oauth2_mechanism == "XOAUTH2"
     assert settings.imap_junk_folder_names == ["Junk Email", "Spam"]
     assert "resolved-messages_selfcheck_oauth2_client_secret" in settings.secret_values()
+
+
+def test_webhook_kind_and_its_secrets_reach_the_probe():
+    env = manifest(webhook={"kind": "gatus", "tokenSecretRef": {"name": "hook", "key": "token"}})[
+        "spec"]["template"]["spec"]["containers"][0]["env"]
+    by_name = {e["name"]: e for e in env}
+    assert by_name["MESSAGES_SELFCHECK_WEBHOOK_KIND"]["value"] == "gatus"
+    assert by_name["MESSAGES_SELFCHECK_WEBHOOK_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "hook", "key": "token"}
+    generic = manifest(webhook={"failureUrlSecretRef": {"name": "hook", "key": "fail"}})[
+        "spec"]["template"]["spec"]["containers"][0]["env"]
+    assert "MESSAGES_SELFCHECK_WEBHOOK_KIND" not in {e["name"] for e in generic}
+    assert {e["name"] for e in generic} >= {"MESSAGES_SELFCHECK_WEBHOOK_URL", "MESSAGES_SELFCHECK_WEBHOOK_FAILURE_URL"}

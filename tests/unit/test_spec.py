@@ -150,6 +150,16 @@ def test_invalid_oauth2_specs(change, message):
         MailSelfcheckSpec.model_validate(data)
 
 
+@pytest.mark.parametrize("webhook, message", [
+    ({"kind": "gatus"}, "kind gatus needs tokenSecretRef"),
+    ({"kind": "healthchecks", "failureUrlSecretRef": {"name": "a", "key": "b"}}, "failureUrlSecretRef is for kind generic"),
+    ({"kind": "pagerduty"}, "generic"),
+])
+def test_invalid_webhook_settings(webhook, message):
+    with pytest.raises(ValidationError, match=message):
+        MailSelfcheckSpec.model_validate({**VALID, "webhook": webhook})
+
+
 def test_missing_secret_ref():
     data = dict(VALID)
     del data["secretRef"]

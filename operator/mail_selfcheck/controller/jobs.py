@@ -55,11 +55,12 @@ BACKOFF_LIMIT = 1
 #: Exit codes of ``mail-selfcheck run`` that carry a verdict: 1 = the check failed, 2 = the
 #: configuration is invalid (https://kubernetes.io/docs/concepts/workloads/controllers/job/#pod-failure-policy).
 VERDICT_EXIT_CODES = (1, 2)
-#: Seconds added to the probe timeout for ``activeDeadlineSeconds``. The probe reaches its
-#: verdict within ``timeout``, cleans up within 10 s more (its own watchdog ends it at
-#: ``timeout + 15``) and then posts the webhook (10 s timeout): 30 s covers all of it, so the
-#: deadline only ends a probe that hangs.
-DEADLINE_MARGIN = 30
+#: Seconds added to the probe timeout for ``activeDeadlineSeconds``. The probe sends the
+#: heartbeat's start signal (<= 10.5 s), reaches its verdict within ``timeout``, cleans up
+#: within 10 s more, then sends the final heartbeat signal (<= ~31.5 s to an unreachable
+#: service: three 10 s attempts and back-off): 45 s covers the usual case (a failing heartbeat
+#: service fails in seconds), so the deadline only ends a probe that hangs.
+DEADLINE_MARGIN = 45
 #: Lower bound of ``ttlSecondsAfterFinished`` (seconds); history limits normally delete earlier.
 MIN_TTL = 3600
 #: Error class of a check whose Job ended without a probe result.
@@ -153,6 +154,13 @@ def probe_env(spec: MailSelfcheckSpec) -> list[dict[str, Any]]:
         env.append(_value(env_name("imap_username"), spec.imap.username))
     if spec.webhook_url_secret_ref:
         env.append(_secret(env_name("webhook_url"), spec.webhook_url_secret_ref))
+    if spec.webhook:
+        if spec.webhook.kind != "generic":
+            env.append(_value(env_name("webhook_kind"), spec.webhook.kind))
+        if spec.webhook.failure_url_secret_ref:
+            env.append(_secret(env_name("webhook_failure_url"), spec.webhook.failure_url_secret_ref))
+        if spec.webhook.token_secret_ref:
+            env.append(_secret(env_name("webhook_token"), spec.webhook.token_secret_ref))
     if spec.tls:
         bundle = spec.tls.ca_bundle
         if bundle and bundle.secret_key_ref:

@@ -32,3 +32,6 @@ DEFAULT_IMAP_PORTS: dict[str, int] = {"tls": 993, "starttls": 143, "plain": 143}
 
 DEFAULT_INTERVAL = 600.0
 DEFAULT_TIMEOUT = 60.0
+
+#: Heartbeat service APIs the probe speaks (``MESSAGES_SELFCHECK_WEBHOOK_KIND``, ``spec.webhook.kind``).
+WebhookKind = Literal["generic", "healthchecks", "uptime-kuma", "gatus", "betterstack", "cronitor"]

@@ -25,12 +25,12 @@ from .common import (
     Detection,
     ImapSecurity,
     SmtpSecurity,
+    WebhookKind,
 )
 
 ENV_PREFIX = "MESSAGES_SELFCHECK_"
 
 #: Heartbeat services the probe speaks to (``MESSAGES_SELFCHECK_WEBHOOK_KIND``).
-WebhookKind = Literal["generic", "healthchecks", "uptime-kuma", "gatus", "betterstack", "cronitor"]
 WEBHOOK_KINDS: tuple[str, ...] = WebhookKind.__args__
 _ADDRESS = re.compile(ADDRESS_PATTERN)
 

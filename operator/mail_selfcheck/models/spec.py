@@ -26,7 +26,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from .common import ADDRESS_PATTERN, DEFAULT_INTERVAL, DEFAULT_TIMEOUT, ImapSecurity, SmtpSecurity
+from .common import ADDRESS_PATTERN, DEFAULT_INTERVAL, DEFAULT_TIMEOUT, ImapSecurity, SmtpSecurity, WebhookKind
 
 GROUP = "selfcheck.mail-selfcheck.dev"
 VERSION = "v1alpha1"
@@ -380,6 +380,40 @@ class JobSettings(_Model):
     )
 
 
+class WebhookSettings(_Model):
+    """Which heartbeat service ``webhookUrlSecretRef`` points at, and what else it needs."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "self.kind != 'gatus' || has(self.tokenSecretRef)", "message": "kind gatus needs tokenSecretRef"},
+                {
+                    "rule": "self.kind == 'generic' || !has(self.failureUrlSecretRef)",
+                    "message": "failureUrlSecretRef is for kind generic only (the others signal failure on their URL)",
+                },
+            ]
+        }
+    )
+
+    kind: WebhookKind = Field(
+        "generic",
+        description="generic (POST timings on success; failures to failureUrlSecretRef), healthchecks, uptime-kuma, "
+        "gatus, betterstack or cronitor: start, success and failure signals in that service's API.",
+    )
+    failure_url_secret_ref: SecretKeyRef | None = Field(
+        None, description="generic: Secret key holding a URL that receives failures (JSON error, times)."
+    )
+    token_secret_ref: SecretKeyRef | None = Field(None, description="gatus: Secret key holding the endpoint's bearer token.")
+
+    @model_validator(mode="after")
+    def _complete(self) -> "WebhookSettings":
+        if self.kind == "gatus" and self.token_secret_ref is None:
+            raise ValueError("kind gatus needs tokenSecretRef")
+        if self.kind != "generic" and self.failure_url_secret_ref is not None:
+            raise ValueError("failureUrlSecretRef is for kind generic only (the others signal failure on their URL)")
+        return self
+
+
 class MailSelfcheckSpec(_Model):
     """``spec`` of a MailSelfcheck: one end-to-end probe, run every ``interval`` seconds."""
 
@@ -401,8 +435,9 @@ class MailSelfcheckSpec(_Model):
     imap: ImapEndpoint
     secret_ref: SecretKeyRef = Field(description="Secret key holding the secret string carried in the probe message.")
     webhook_url_secret_ref: SecretKeyRef | None = Field(
-        None, description="Secret key holding the heartbeat URL POSTed after each successful check."
+        None, description="Secret key holding the heartbeat URL (POSTed after each successful check by kind generic)."
     )
+    webhook: WebhookSettings | None = Field(None, description="The heartbeat service's kind (default generic).")
     tls: TlsSettings | None = None
     oauth2: OAuth2Settings | None = None
     interval: int = Field(
