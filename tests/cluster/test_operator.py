@@ -104,7 +104,7 @@ def mail_secrets(cp, namespace: str, env: dict[str, str], webhook_url: str | Non
 
 
 def selfcheck(env: dict[str, str], name: str = "demo", interval: int = 10, timeout: float = 8,
-              webhook: bool = False, **spec) -> dict:
+              webhook: bool = False, webhook_kind: dict | None = None, **spec) -> dict:
     body = {
         "apiVersion": f"{GROUP}/v1alpha1",
         "kind": "MailSelfcheck",
@@ -127,6 +127,8 @@ def selfcheck(env: dict[str, str], name: str = "demo", interval: int = 10, timeo
     }
     if webhook:
         body["spec"]["webhookUrlSecretRef"] = {"name": "mail", "key": "webhook"}
+    if webhook_kind:
+        body["spec"]["webhook"] = webhook_kind
     return body
 
 
@@ -649,3 +651,25 @@ def test_a_real_prometheus_scrapes_the_operator_and_fires_the_charts_alert(contr
         proc.terminate()
         proc.wait(20)
         log.close()
+
+
+def test_a_failing_heartbeat_shows_in_status_metrics_and_one_event(control_plane, mail_stack, operator, k8s_namespace):
+    """Issue 12: a heartbeat that cannot be delivered is not only a pod log line: status.webhook, the
+    webhook-failures counter and one Warning Event say so (the check itself still succeeds); the URL never shows."""
+    from tests.harness.controlplane import free_port
+
+    cp, ns = control_plane, k8s_namespace
+    env = mail_stack.probe_env()
+    url = f"http://127.0.0.1:{free_port()}/ping/tok-{os.urandom(6).hex()}"  # nothing listens there
+    secrets = mail_secrets(cp, ns, env, webhook_url=url)
+    apply(cp, ns, selfcheck(env, interval=15, webhook=True, webhook_kind={"kind": "healthchecks"}))
+    d = diag(cp, ns, operator)
+    st = wait_until(lambda: len((s := status(cp, ns)).get("history") or []) >= 2 and s, 60, "two checks", diag=d)
+    assert st["success"] is True, st
+    assert st["webhook"]["kind"] == "healthchecks" and st["webhook"]["sent"] is False, st["webhook"]
+    assert "connection failed" in st["webhook"]["error"]
+    assert len(events(cp, ns, "HeartbeatFailing")) == 1, "one Event when it starts failing, not one per check"
+    counter = [line for line in operator.metrics().splitlines()
+               if line.startswith("mail_selfcheck_webhook_failures_total{") and f'namespace="{ns}"' in line]
+    assert counter and float(counter[0].split()[-1]) >= 2, counter
+    assert_no_secrets(cp, ns, operator, secrets)
