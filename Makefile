@@ -3,7 +3,7 @@ PY   ?= python3
 VENV := .venv
 BIN  := $(VENV)/bin
 
-.PHONY: test demo system-deps venv control-plane servers gatus
+.PHONY: test demo system-deps venv control-plane servers gatus node
 
 ## Debian packages the tests need (Postfix, Dovecot, buildah, ...); idempotent.
 system-deps:
@@ -31,8 +31,13 @@ servers:
 gatus: venv
 	$(BIN)/python -m tests.harness.gatus build
 
-## The whole test suite: unit, real Postfix+Dovecot (+ Cyrus, Courier, GreenMail), real Kubernetes control plane.
-test: system-deps venv control-plane servers gatus
+## Build (or find) the real node: kubelet v1.35.4, kube-scheduler, pause + app images (root).
+node: system-deps venv control-plane
+	$(BIN)/python -m tests.harness.node build
+
+## The whole test suite: unit, real Postfix+Dovecot (+ Cyrus, Courier, GreenMail), real Kubernetes
+## control plane, and a real node (kubelet + containerd) for the chart's Deployment and the probe Jobs.
+test: system-deps venv control-plane servers gatus node
 	$(BIN)/pytest
 
 ## One-command demo: control plane + mail stack + operator + a sample MailSelfcheck.

@@ -14,8 +14,3 @@ pytest_plugins = [
     "tests.harness.node_fixtures",
 ]
 
-
-def pytest_configure(config):
-    # Also listed in pyproject.toml's markers once that file carries it (see issue 11).
-    config.addinivalue_line("markers", "node: needs the real node (kubelet + containerd; "
-                            "tests/harness/node.py), built and started by fixtures")
