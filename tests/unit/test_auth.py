@@ -106,7 +106,7 @@ def _form(data) -> dict:
         data = data.decode()
     if isinstance(data, str):
         return dict(urllib.parse.parse_qsl(data))
-    return dict(data)
+    return {k: v.decode() if isinstance(v, bytes) else v for k, v in dict(data).items()}
 
 
 TENANT = "contoso.onmicrosoft.com"
@@ -191,3 +191,49 @@ def test_refresh_warnings():
     assert refresh_warning({"refresh_token": "old"}, "old") is None
     assert refresh_warning({"refresh_token_expires_in": 86400}, "old") == "the refresh token expires in 1.0 days"
     assert refresh_warning({"refresh_token": "x"}, None) is None, "app-only grants have no refresh token to worry about"
+
+
+def test_microsoft_certificate_credential_signs_a_client_assertion(monkeypatch):
+    """Certificate instead of a secret: MSAL sends a JWT client assertion (RFC 7523) whose x5t is the
+    certificate's SHA-1 thumbprint, and no client_secret."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+    from google.auth import jwt as gjwt
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mail-selfcheck")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now).not_valid_after(now + dt.timedelta(days=30)).sign(key, hashes.SHA256()))
+    pem = (key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption()) + cert.public_bytes(serialization.Encoding.PEM)).decode()
+    recorder = _entra(monkeypatch, {"access_token": "eyJ0-cert", "expires_in": 3599, "token_type": "Bearer"})
+    config = OAuth2Config(provider="microsoft", tenant=TENANT, client_id="app-2", client_certificate_pem=pem)
+    assert fetch(config, "imap", "monitor@contoso.com", 10).value == "eyJ0-cert"
+    (post,) = [c for c in recorder.calls if c["method"] == "POST"]
+    form = _form(post["data"])
+    assert "client_secret" not in form
+    assert form["client_assertion_type"] == "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+    header = json.loads(base64.urlsafe_b64decode(form["client_assertion"].split(".")[0] + "=="))
+    thumbprint = base64.urlsafe_b64decode(header["x5t"] + "==")
+    assert thumbprint == cert.fingerprint(hashes.SHA1())
+    claims = gjwt.decode(form["client_assertion"], certs=cert.public_bytes(serialization.Encoding.PEM), verify=True,
+                         audience=f"{ENTRA}/oauth2/v2.0/token", clock_skew_in_seconds=30)
+    assert claims["iss"] == claims["sub"] == "app-2"
+
+
+def test_google_refresh_token_preset(monkeypatch):
+    recorder = Recorder({"/token": {"access_token": "ya29.delegated", "expires_in": 3599, "token_type": "Bearer"}})
+    import mail_selfcheck.probe.auth.tokens as tokens
+
+    monkeypatch.setattr(tokens, "_TimeoutSession", lambda http, timeout: recorder)
+    config = OAuth2Config(provider="google", client_id="cid.apps.googleusercontent.com", client_secret="gsecret",
+                          refresh_tokens={"smtp": "1//refresh"})
+    assert fetch(config, "smtp", "probe@example.com", 10).value == "ya29.delegated"
+    (post,) = recorder.calls
+    form = _form(post["data"])
+    assert post["url"] == GOOGLE_TOKEN_URL and form["grant_type"] == "refresh_token"
+    assert form["refresh_token"] == "1//refresh" and form["client_id"] == "cid.apps.googleusercontent.com"
