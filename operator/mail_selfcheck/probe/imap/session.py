@@ -315,14 +315,10 @@ class Mailbox:
             if self.idling:
                 self.client.idle_done()
             self.client.logout()
+            self.client = None
         except Exception:
-            try:
-                self.client.shutdown()
-            except Exception:
-                pass
-        self.client = None
-        self.idling = False
-        self.ready = False
+            pass
+        self._drop()
 
     # -- the run's steps ---------------------------------------------------------------------
     def wait_for(self, nonce: str, deadline: float) -> Found:
