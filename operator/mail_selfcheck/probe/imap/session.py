@@ -6,7 +6,8 @@ sent if it fails) or ``plain`` (lab stacks only).
 
 Timeouts (seconds): the server's greeting must come within :data:`GREETING_TIMEOUT` (a
 port that expects implicit TLS stays silent; this is said in the error); every later command
-must be answered within :data:`COMMAND_TIMEOUT` (never beyond the run's deadline). A command
+must be answered within :data:`COMMAND_TIMEOUT`, LOGIN/AUTHENTICATE within :data:`LOGIN_TIMEOUT`
+(servers delay a refusal on purpose), never beyond the run's deadline. A command
 that goes unanswered (a NAT that dropped the flow, a hung server) breaks only the session:
 :mod:`.detect` reconnects and goes on while the run's deadline lasts.
 
@@ -37,6 +38,10 @@ from .folders import Folders, classify
 
 GREETING_TIMEOUT = 5.0  # seconds for TCP connect + the server's greeting
 COMMAND_TIMEOUT = 5.0  # seconds for the answer to one IMAP command
+#: Seconds for the answer to LOGIN/AUTHENTICATE. Servers delay a refusal on purpose: Courier
+#: imapd answers a wrong password after about 5 s, Dovecot after ``auth_failure_delay`` (2 s)
+#: growing with its auth penalty for repeated failures from one IP (up to 15 s).
+LOGIN_TIMEOUT = 20.0
 
 
 @dataclass(frozen=True)
@@ -127,10 +132,11 @@ class Mailbox:
             return ProbeFailure("imap_tls", f"TLS error with IMAP server {self.server}: {describe_oserror(exc)}")
         return ProbeFailure("imap_connect", f"{what} IMAP server {self.server}: {text(exc)}")
 
-    def arm(self, deadline: float) -> None:
-        """Let the next command wait at most :data:`COMMAND_TIMEOUT` seconds, never past ``deadline``."""
+    def arm(self, deadline: float, limit: float = COMMAND_TIMEOUT) -> None:
+        """Let the next command wait at most ``limit`` seconds (default :data:`COMMAND_TIMEOUT`),
+        never past ``deadline``."""
         if self.client is not None:
-            self.client.socket().settimeout(max(0.2, min(COMMAND_TIMEOUT, deadline - time.monotonic())))
+            self.client.socket().settimeout(max(0.2, min(limit, deadline - time.monotonic())))
 
     def _connect(self, deadline: float) -> None:
         s = self.settings
@@ -172,13 +178,16 @@ class Mailbox:
             from ..auth.login import access_token, imap_oauth2
 
             token = access_token(s, "imap", s.imap_login, deadline)
+            self.arm(deadline, LOGIN_TIMEOUT)
             try:
                 imap_oauth2(client, s.imap_login, token, host=s.imap_host, port=s.imap_port_effective,
                             server=self.server, forced=s.oauth2_mechanism)
             except (OSError, socket.timeout) as exc:
                 raise self.fail_network(exc, "login failed at") from exc
             self.timings.setdefault("imap_login", round(time.monotonic() - connected, 4))
+            self.arm(deadline)
             return
+        self.arm(deadline, LOGIN_TIMEOUT)
         try:
             client.login(s.imap_login, s.imap_password.get_secret_value() if s.imap_password else "")
         except LoginError as exc:
@@ -205,6 +214,7 @@ class Mailbox:
         except (OSError, IMAPClientError) as exc:
             raise self.fail_network(exc, "login failed at") from exc
         self.timings.setdefault("imap_login", round(time.monotonic() - connected, 4))
+        self.arm(deadline)
 
     def _connect_failure(self, exc: BaseException, greeting: float) -> ProbeFailure:
         timed_out = isinstance(exc, (socket.timeout, TimeoutError))
