@@ -47,7 +47,7 @@ class TlsFacts(BaseModel):
     whether the leaf certificate names the host (RFC 6125), also when verification is off.
     """
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", defer_build=True)
 
     version: str | None = Field(default=None, description="Negotiated protocol, e.g. TLSv1.3.")
     cipher: str | None = Field(default=None, description="Negotiated cipher suite.")
@@ -59,7 +59,7 @@ class WebhookOutcome(BaseModel):
     """What became of the heartbeat (issue 12). ``kind``: the heartbeat service's API; ``signal``:
     ``success`` | ``failure`` | ``start``; ``error``: why it was not delivered (never the URL)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", defer_build=True)
 
     kind: str = "generic"
     signal: str = "success"
@@ -76,7 +76,7 @@ class ProbeResult(BaseModel):
     secret.
     """
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", defer_build=True)
 
     success: bool
     error: str | None = None

@@ -18,11 +18,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import structlog
 from pydantic import ValidationError
 
 from ..models.result import ProbeResult
 from ..models.settings import ProbeSettings, describe_errors
+from .eventlog import get_logger
 from .report import NAGIOS_UNKNOWN, Heartbeat, configure_logging, log_result, nagios_line, nagios_unknown
 from .run import CLEANUP_BUDGET, run_probe
 
@@ -31,7 +31,7 @@ EXIT_FAILED = 1
 EXIT_CONFIG = 2
 WATCHDOG_GRACE = 2 * CLEANUP_BUDGET + 5.0  # seconds beyond `timeout` before the watchdog ends the run
 
-log = structlog.get_logger("mail_selfcheck.probe")
+log = get_logger()
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Step 7: the ``selfcheck_completed`` log line, the heartbeat services and plugin output.
 
-Log line (structlog), exactly one per run::
+Log line (:mod:`.eventlog`), exactly one per run::
 
     selfcheck_completed success=true send_time=0.150 reception_time=2.340        (INFO)
     selfcheck_completed success=false error="Message not received within 60 seconds"   (ERROR)
@@ -17,19 +17,16 @@ format, https://www.monitoring-plugins.org/doc/guidelines.html.
 from __future__ import annotations
 
 import json
-import logging
-import sys
 import uuid
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import requests
-import structlog
-from requests.adapters import HTTPAdapter
-from urllib3.exceptions import ReadTimeoutError
-from urllib3.util.retry import Retry
-
 from ..models.result import ProbeResult, WebhookOutcome
+from . import eventlog
+
+if TYPE_CHECKING:  # requests (~40 ms to import) is loaded only when a heartbeat is sent
+    import requests
 
 WEBHOOK_TIMEOUT = 10.0  # seconds per attempt (success / failure signals)
 WEBHOOK_RETRIES = 2  # extra attempts on connection errors and 429/5xx replies
@@ -41,59 +38,18 @@ QUERY_TEXT_MAX = 1000
 BODY_TEXT_MAX = 10_000
 USER_AGENT = "mail-selfcheck"
 
-log = structlog.get_logger("mail_selfcheck.probe")
-
-
-def _logfmt_values(_logger, _name, event_dict):
-    """Render values the logfmt way: ``true``/``false``, seconds with 3 decimals, quoted text."""
-    for key, value in list(event_dict.items()):
-        if key in ("event", "timestamp", "level"):
-            continue
-        if isinstance(value, bool):
-            event_dict[key] = "true" if value else "false"
-        elif isinstance(value, float):
-            event_dict[key] = f"{value:.3f}"
-        elif value is None:
-            event_dict[key] = "null"
-        elif isinstance(value, str) and (not value or any(c in value for c in ' "=\\')):
-            event_dict[key] = json.dumps(value)
-    return event_dict
-
-
-def _render_line(_logger, _name, event_dict) -> str:
-    """``<timestamp> <LEVEL> <event> key=value ...`` in the order the values were logged."""
-    head = [event_dict.pop("timestamp", ""), event_dict.pop("level", "info").upper(), event_dict.pop("event", "")]
-    return " ".join(head + [f"{key}={value}" for key, value in event_dict.items()])
-
-
-def _drop(_logger, _name, _event_dict):
-    raise structlog.DropEvent
+log = eventlog.get_logger()
 
 
 def configure_logging(verbose: bool = False, log_format: str = "console", quiet: bool = False) -> None:
-    """Configure structlog for the probe: INFO (DEBUG with ``verbose``) to stderr.
+    """The probe's log: INFO (DEBUG with ``verbose``) to stderr.
 
     Args:
         log_format: ``console`` (human, ``key=value``) or ``json`` (one object per line).
         quiet: log nothing (plugin mode: Icinga 2 appends stderr to the plugin output);
             ``verbose`` wins over it.
     """
-    processors = [_drop] if quiet and not verbose else []
-    processors += [
-        structlog.processors.add_log_level,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-        structlog.processors.format_exc_info,
-    ]
-    if log_format == "json":
-        processors.append(structlog.processors.JSONRenderer())
-    else:
-        processors += [_logfmt_values, _render_line]
-    structlog.configure(
-        processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG if verbose else logging.INFO),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
-        cache_logger_on_first_use=False,
-    )
+    eventlog.configure(verbose, log_format, quiet)
 
 
 def log_result(result: ProbeResult) -> None:
@@ -258,6 +214,10 @@ def build_signal(
 
 
 def _session(retries: int, methods: frozenset[str]) -> requests.Session:
+    import requests
+    from requests.adapters import HTTPAdapter
+    from urllib3.util.retry import Retry
+
     retry = Retry(
         total=retries,
         connect=retries,
@@ -284,6 +244,8 @@ def send_signal(request: SignalRequest, *, timeout: float = WEBHOOK_TIMEOUT, ret
     (it carries the service's token): ``HTTP 404``, ``connection failed``, ``no answer within
     10 seconds``, or Uptime Kuma's own ``{"ok": false, "msg"}`` refusal.
     """
+    import requests
+
     with _session(retries, frozenset({request.method})) as session:
         try:
             response = session.request(request.method, request.url, headers=request.headers,
@@ -304,6 +266,9 @@ def send_signal(request: SignalRequest, *, timeout: float = WEBHOOK_TIMEOUT, ret
 
 def _reason(exc: requests.RequestException, timeout: float = WEBHOOK_TIMEOUT) -> str:
     """Name the failure without the URL (requests puts host and path in its messages)."""
+    import requests
+    from urllib3.exceptions import ReadTimeoutError
+
     # urllib3 wraps a read timeout that used up its retries (read=0) in MaxRetryError, which
     # requests turns into ConnectionError: look at the reason, not the class.
     cause = exc.args[0] if exc.args else None

@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import time
 
-import structlog
 
 from ..models.result import ProbeResult
 from ..models.settings import ProbeSettings
 from . import smtp
 from .errors import ProbeFailure
+from .eventlog import get_logger
 from .imap import CleanupReport, Mailbox
 from .message import IntegrityError, build_message, make_token, verify_message
 
 CLEANUP_BUDGET = 5.0  # seconds per cleanup attempt (at most two)
 
-log = structlog.get_logger("mail_selfcheck.probe")
+log = get_logger()
 
 
 def redact(text: str | None, secrets: list[str]) -> str | None:
