@@ -1,17 +1,23 @@
-"""One-command demo (``make demo``): the whole product working on this machine.
+"""One-command demo (``make demo``): the whole product working on this machine, on a real node.
 
-Starts, with the same harness code the tests use: the real Kubernetes control plane
-(:mod:`tests.harness.controlplane`, with the node agent standing in for the kubelet) and
-the real Postfix + Dovecot stack (:mod:`tests.harness.mailstack`); ``helm install`` of the
-chart with its default values (every namespace watched) into ``mail-selfcheck``; runs the
-rendered Deployment's command line on this host, authenticated as the chart's ServiceAccount
-(:mod:`tests.harness.chart_operator`); applies a MailSelfcheck that probes the local mail
-stack in another namespace; waits for the first result and prints
+Starts, with the same harness code the node tests use (``tests/node/``): the real Postfix +
+Dovecot stack (:mod:`tests.harness.mailstack`), the real Kubernetes control plane
+(:mod:`tests.harness.controlplane`, no node agent), kube-scheduler and a **real node**
+(:mod:`tests.harness.node`: kubelet + containerd + runc + a CNI bridge, in a network namespace
+of its own with no route out) with the image ``hack/build-image.sh`` builds imported into
+containerd (built or found first: see :func:`tests.harness.node.build_node`; nothing is
+pulled). Then ``helm install`` of the chart with its default values but the local image
+(``image.repository=localhost/mail-selfcheck``, ``tag=dev``, ``pullPolicy=Never``) into
+``mail-selfcheck``: the operator runs as the chart's Deployment pod. It applies a
+MailSelfcheck that probes the local mail stack (reached from pods at the node IP) in another
+namespace, waits for the first result and prints the probe pod that produced it and
 ``kubectl get mailselfchecks -o wide``.
 
 Then it keeps everything running until Ctrl-C or SIGTERM (``--once``: stop right away; exit
-status 0 only if the first check succeeded). Its working directory (etcd data, throw-away
-PKI, logs) is removed at the end unless the demo failed or ``--keep`` is given.
+status 0 only if the first check succeeded). Its working directory (etcd data, containerd
+root, throw-away PKI, logs) is removed at the end unless the demo failed or ``--keep`` is given.
+Every run has its own directory, network namespace and sockets, so it may run while the
+test suite (or another demo) runs.
 
     .venv/bin/python -m tests.harness.demo [--once] [--keep] [--interval 30] [--timeout 180]
     make demo ARGS="--once"
@@ -29,59 +35,27 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
-from tests.harness.chart_operator import ChartOperator
-from tests.harness.controlplane import ControlPlane, build_all, find_binaries
-from tests.harness.mailstack import MailStack
+from tests.harness import node as nodemod
+from tests.harness.controlplane import BuildError, ControlPlane, ControlPlaneError, build_all, find_binaries
+from tests.harness.mailstack import MailStackError
+from tests.harness.node_operator import (
+    InstalledOperator, NodeCluster, NodeMailStack, expose_mail, get, image_values, mail_objects,
+    pod_env, selfcheck,
+)
 
-REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "charts" / "selfcheck"
 #: Where the chart is installed (the README's `helm install ... -n mail-selfcheck`).
 RELEASE_NAMESPACE = "mail-selfcheck"
 RELEASE = "selfcheck"
 #: Where the sample MailSelfcheck lives (any namespace: the default install watches them all).
 NAMESPACE = "mail-selfcheck-demo"
+NAME = "local-stack"
 
 
 def say(text: str) -> None:
     print(f"demo: {text}", flush=True)
-
-
-def sample_resources(stack: MailStack, namespace: str, interval: int) -> list[dict]:
-    """A Secret, a CA ConfigMap and a MailSelfcheck probing ``stack`` (sender -> receiver)."""
-    env = stack.probe_env()
-    secret = {
-        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "mail-selfcheck-credentials", "namespace": namespace},
-        "stringData": {
-            "smtp-password": env["MESSAGES_SELFCHECK_SMTP_PASSWORD"],
-            "imap-password": env["MESSAGES_SELFCHECK_IMAP_PASSWORD"],
-            "secret": env["MESSAGES_SELFCHECK_SECRET"],
-        },
-    }
-    ca = {
-        "apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "mail-ca", "namespace": namespace},
-        "data": {"ca.crt": Path(stack.ca_file).read_text()},
-    }
-    check = {
-        "apiVersion": "selfcheck.mail-selfcheck.dev/v1alpha1", "kind": "MailSelfcheck",
-        "metadata": {"name": "local-stack", "namespace": namespace},
-        "spec": {
-            "from": env["MESSAGES_SELFCHECK_FROM"],
-            "to": env["MESSAGES_SELFCHECK_TO"],
-            "smtp": {"host": env["MESSAGES_SELFCHECK_SMTP_HOST"], "port": int(env["MESSAGES_SELFCHECK_SMTP_PORT"]),
-                     "security": "starttls",
-                     "passwordSecretRef": {"name": "mail-selfcheck-credentials", "key": "smtp-password"}},
-            "imap": {"host": env["MESSAGES_SELFCHECK_IMAP_HOST"], "port": int(env["MESSAGES_SELFCHECK_IMAP_PORT"]),
-                     "security": "tls",
-                     "passwordSecretRef": {"name": "mail-selfcheck-credentials", "key": "imap-password"}},
-            "secretRef": {"name": "mail-selfcheck-credentials", "key": "secret"},
-            "tls": {"caBundle": {"configMapKeyRef": {"name": "mail-ca", "key": "ca.crt"}}},
-            "interval": interval,
-            "timeout": 20,
-        },
-    }
-    return [secret, ca, check]
 
 
 def wait_for_result(cp: ControlPlane, namespace: str, name: str, timeout: float) -> dict:
@@ -92,8 +66,24 @@ def wait_for_result(cp: ControlPlane, namespace: str, name: str, timeout: float)
         status = json.loads(out.stdout).get("status") or {} if out.returncode == 0 else {}
         if status.get("success") is not None:
             return status
-        time.sleep(0.5)
+        time.sleep(0.3)
     raise TimeoutError(f"no result within {timeout:.0f} s")
+
+
+def probe_pod(cp: ControlPlane, namespace: str) -> dict | None:
+    """The most recent finished probe pod in ``namespace``."""
+    done = [p for p in get(cp, namespace, "pods")["items"]
+            if p["status"].get("phase") in ("Succeeded", "Failed")]
+    return max(done, key=lambda p: p["metadata"]["creationTimestamp"], default=None)
+
+
+def describe_probe_pod(pod: dict) -> str:
+    (cs,) = pod["status"]["containerStatuses"]
+    term = cs["state"].get("terminated") or {}
+    return (f"probe pod {pod['metadata']['namespace']}/{pod['metadata']['name']} ran on node "
+            f"{pod['spec']['nodeName']} as a real container ({cs['containerID'][:25]}..., image "
+            f"{cs['image']}, pod IP {pod['status'].get('podIP')}), exit code {term.get('exitCode')};"
+            f"\n  its termination message, read by the kubelet: {term.get('message', '').strip()}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,60 +95,102 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     started = time.monotonic()
-    binaries = find_binaries()
-    if binaries is None:
-        say("building the control plane from Go modules (first time only, ~8 min)")
-        binaries = build_all()
-    workdir = Path(tempfile.mkdtemp(prefix="mail-selfcheck-demo-"))
     stop = threading.Event()
+    starting = True
+
+    def on_signal(*_):
+        stop.set()
+        if starting:  # Ctrl-C while starting: stop at once (the finally blocks clean up)
+            raise KeyboardInterrupt
     for signum in (signal.SIGTERM, signal.SIGINT):  # SIGINT too: it may have been ignored by our parent
-        signal.signal(signum, lambda *_: stop.set())
-    operator = None
+        signal.signal(signum, on_signal)
+    try:
+        if find_binaries() is None:
+            say("building the control plane from Go modules (first time only, ~8 min)")
+        binaries = build_all()
+        if nodemod.find_node_binaries() is None:
+            say(f"building kubelet {nodemod.NODE_K8S_VERSION} and kube-scheduler (first time only, ~4 min)")
+        say(f"building or finding the image {nodemod.APP_IMAGE} (hack/build-image.sh; rebuilt only "
+            "when its sources changed)")
+        node_binaries = nodemod.build_node()
+    except (BuildError, nodemod.NodeError) as e:
+        say(f"build failed: {e}")
+        return 1
+    say(f"built or found in {time.monotonic() - started:.0f} s")
+    workdir = Path(tempfile.mkdtemp(prefix="mail-selfcheck-demo-"))
     succeeded = False
-    say("starting Postfix + Dovecot on loopback")
-    with MailStack() as stack:
-        say("starting etcd, kube-apiserver, kube-controller-manager and the node agent")
-        cp = ControlPlane(binaries, workdir / "controlplane")
+    cp = ControlPlane(binaries, workdir / "controlplane", node_agent=False)
+    node = nodemod.Node(cp, workdir / "node", binaries=node_binaries)
+    stack = NodeMailStack()
+    try:
+        say("starting Postfix + Dovecot on loopback")
+        stack.start()
+        say("starting etcd, kube-apiserver, kube-controller-manager")
         cp.run_dir.mkdir(parents=True, exist_ok=True)
         cp.start()
-        try:
-            say(f"helm install {RELEASE} charts/selfcheck -n {RELEASE_NAMESPACE} --create-namespace (default values)")
-            operator = ChartOperator(cp, RELEASE_NAMESPACE, workdir / "operator.log", release=RELEASE,
-                                     values={"probe": {"image": "mail-selfcheck:local"}}).install()
-            say(f"starting the chart's command line as system:serviceaccount:{RELEASE_NAMESPACE}:{operator.fullname}:\n"
-                f"  {' '.join(operator.argv)}")
-            operator.start()
-            log, metrics_port = operator.log, operator.metrics_port
-            cp.kubectl("create", "namespace", NAMESPACE)
-            resources = sample_resources(stack, NAMESPACE, args.interval)
-            cp.kubectl("apply", "-f", "-", input="\n---\n".join(yaml.safe_dump(r) for r in resources))
-            say("applied this MailSelfcheck:\n" + yaml.safe_dump(resources[-1], sort_keys=False))
-            status = wait_for_result(cp, NAMESPACE, "local-stack", args.timeout)
-            print(cp.kubectl("-n", NAMESPACE, "get", "mailselfchecks", "-o", "wide").stdout, flush=True)
-            say(f"first result after {time.monotonic() - started:.1f} s in all: "
-                f"success={status['success']} sendTime={status.get('sendTime')} receptionTime={status.get('receptionTime')}"
-                + (f" error={status.get('error')!r}" if not status["success"] else ""))
-            succeeded = True
-            if args.once:
-                return 0 if status["success"] else 1
-            say("running; in another shell:\n"
-                f"  export KUBECONFIG={cp.kubeconfig} PATH={cp.kubectl_bin.parent}:$PATH\n"
-                f"  kubectl -n {NAMESPACE} get mailselfchecks -o wide --watch\n"
-                f"  curl -s localhost:{metrics_port}/metrics | grep mail_selfcheck_\n"
-                f"operator log: {log}\n"
-                "Press Ctrl-C to stop everything (control plane, mail stack, operator).")
-            while not stop.wait(1):
-                pass
-            return 0
-        finally:
-            say("stopping")
-            if operator is not None:
-                operator.stop()
-            cp.stop()
-            if succeeded and not args.keep:
-                shutil.rmtree(workdir, ignore_errors=True)
-            else:
-                say(f"kept {workdir} (logs, etcd data, kubeconfigs)")
+        say(f"starting the node: kube-scheduler, then containerd + kubelet {nodemod.NODE_K8S_VERSION} "
+            f"in the network namespace {node.netns} (only lo and the pod bridge, no route out); "
+            f"importing {nodemod.APP_IMAGE} into containerd")
+        node.start()
+        say(f"node {node.name} Ready ({node.timings}); pods reach the mail stack at {node.ip}")
+        expose_mail(node, stack)
+        cluster = NodeCluster(cp, node)
+        say(f"helm install {RELEASE} charts/selfcheck -n {RELEASE_NAMESPACE} --create-namespace "
+            "--set image.repository=localhost/mail-selfcheck,image.tag=dev,image.pullPolicy=Never")
+        operator = InstalledOperator(cluster, image_values(), workdir, release_ns=RELEASE_NAMESPACE,
+                                     release=RELEASE).install(announce=False)
+        op_pod = operator.pod
+        say(f"operator pod {RELEASE_NAMESPACE}/{op_pod['metadata']['name']} Running and Ready "
+            f"{operator.ready_after:.1f} s after helm install (image {op_pod['spec']['containers'][0]['image']}, "
+            f"uid {op_pod['spec']['securityContext'].get('runAsUser')}, pod IP {op_pod['status']['podIP']})")
+        cp.kubectl("create", "namespace", NAMESPACE)
+        env = pod_env(stack)
+        mail_objects(cp, NAMESPACE, env)
+        check = selfcheck(env, name=NAME, interval=args.interval)
+        check["metadata"]["namespace"] = NAMESPACE
+        cp.kubectl("apply", "-f", "-", input=yaml.safe_dump(check))
+        say("applied this MailSelfcheck (with a Secret and a CA ConfigMap):\n"
+            + yaml.safe_dump(check, sort_keys=False))
+        status = wait_for_result(cp, NAMESPACE, NAME, args.timeout)
+        first = time.monotonic() - operator.installed_at
+        pod = probe_pod(cp, NAMESPACE)
+        if pod:
+            say(describe_probe_pod(pod))
+        print(cp.kubectl("-n", NAMESPACE, "get", "mailselfchecks", "-o", "wide").stdout, flush=True)
+        say(f"first result {first:.1f} s after helm install, {time.monotonic() - started:.1f} s in all: "
+            f"success={status['success']} sendTime={status.get('sendTime')} receptionTime={status.get('receptionTime')}"
+            + (f" error={status.get('error')!r}" if not status["success"] else ""))
+        succeeded = True
+        if args.once:
+            return 0 if status["success"] else 1
+        starting = False
+        say("running; in another shell:\n"
+            f"  export KUBECONFIG={cp.kubeconfig} PATH={cp.kubectl_bin.parent}:$PATH\n"
+            f"  kubectl -n {NAMESPACE} get mailselfchecks -o wide --watch\n"
+            f"  kubectl -n {NAMESPACE} get pods -o wide          # one probe pod per check\n"
+            f"  kubectl -n {RELEASE_NAMESPACE} logs -l app.kubernetes.io/component=operator -f\n"
+            f"  nsenter --net={node.netns} curl -s http://{op_pod['status']['podIP']}:9090/metrics"
+            " | grep ^mail_selfcheck_\n"
+            "Press Ctrl-C to stop everything (node, control plane, mail stack).")
+        while not stop.wait(1):
+            pass
+        return 0
+    except KeyboardInterrupt:
+        return 130
+    except (ControlPlaneError, nodemod.NodeError, MailStackError, TimeoutError,
+            pytest.fail.Exception) as e:
+        say(f"failed: {e}")
+        return 1
+    finally:
+        starting = False  # Ctrl-C during the clean-up must not cut it short
+        say("stopping")
+        node.stop()
+        cp.stop()
+        stack.stop()
+        if succeeded and not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            say(f"kept {workdir} (logs: controlplane/*.log, node/*.log; etcd data, kubeconfigs)")
 
 
 if __name__ == "__main__":

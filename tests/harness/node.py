@@ -76,6 +76,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -196,33 +197,78 @@ def build_pause_image() -> None:
         raise
 
 
+def image_context_digest() -> str:
+    """sha256 over what ``hack/build-image.sh`` builds from: the Dockerfile, the script and
+    the files of the build context (the ``.dockerignore`` allowlist: pyproject.toml,
+    constraints.txt, README.md, operator/ without bytecode)."""
+    h = hashlib.sha256()
+    files = [REPO / "Dockerfile", BUILD_IMAGE, REPO / ".dockerignore", REPO / "pyproject.toml",
+             REPO / "constraints.txt", REPO / "README.md"]
+    h.update(os.environ.get("BASE_IMAGE", "").encode() + b"\0")  # build-image.sh's override
+    files += sorted(f for f in (REPO / "operator").rglob("*") if f.is_file()
+                    and "__pycache__" not in f.parts and f.suffix != ".pyc"
+                    and not any(part.endswith(".egg-info") for part in f.parts))
+    for f in files:
+        h.update(str(f.relative_to(REPO)).encode() + b"\0")
+        h.update(f.read_bytes() if f.exists() else b"(missing)")
+        h.update(b"\0")
+    return h.hexdigest()
+
+
 def build_app_image() -> None:
-    """``hack/build-image.sh`` (warm: a few seconds; it reuses every cached layer)."""
+    """``hack/build-image.sh`` when its inputs changed since the last build of ``APP_IMAGE``
+    (:func:`image_context_digest`); otherwise nothing (a no-change buildah build still
+    costs ~45 s on the vfs driver). Caller holds ``_build_lock()``."""
+    stamp = _images_dir() / (_stem(APP_IMAGE) + ".context")
+    digest = image_context_digest()
+    with contextlib.suppress(OSError, ValueError):
+        known = json.loads(stamp.read_text())
+        if known.get("context") == digest and known.get("image_id") == _image_id(APP_IMAGE):
+            _log(f"image {APP_IMAGE} is up to date with the working tree (context {digest[:12]})")
+            return
     t0 = time.monotonic()
     proc = subprocess.run(["bash", str(BUILD_IMAGE)], capture_output=True, text=True,
                           timeout=1800, env={**os.environ, "IMAGE": APP_IMAGE})
     if proc.returncode != 0:
         raise NodeError(f"hack/build-image.sh failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    stamp.write_text(json.dumps({"context": digest, "image_id": _image_id(APP_IMAGE)}) + "\n")
     _log(f"image {APP_IMAGE} built in {time.monotonic() - t0:.0f}s")
 
 
+def _images_dir() -> Path:
+    d = cache_root() / "node-images"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _stem(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+#: Archives of older image ids are removed only after this long unused: a concurrent run
+#: may have been handed one a moment ago and still be importing it.
+ARCHIVE_KEEP_SECONDS = 3600
+
+
 def image_archive(name: str) -> Path:
-    """A ``docker-archive`` of the buildah image ``name`` (cached by image id)."""
+    """A ``docker-archive`` of the buildah image ``name`` (cached by image id). Caller holds
+    ``_build_lock()``: two runs (the tests and ``make demo``) may build from different
+    working-tree states, each gets the archive of its own build."""
     image_id = _image_id(name)
     if not image_id:
         raise NodeError(f"image {name} is not in the buildah storage (run the node build)")
-    d = cache_root() / "node-images"
-    d.mkdir(parents=True, exist_ok=True)
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+    d, stem = _images_dir(), _stem(name)
     path = d / f"{stem}-{image_id[:12]}.tar"
-    if path.is_file():
-        return path
+    if not path.is_file():
+        tmp = d / f"{path.name}.{os.getpid()}.tmp"
+        tmp.unlink(missing_ok=True)
+        _buildah("push", "--quiet", name, f"docker-archive:{tmp}:{name}")
+        tmp.rename(path)
+    os.utime(path)  # in use: see ARCHIVE_KEEP_SECONDS
     for old in d.glob(f"{stem}-*.tar"):
-        old.unlink()
-    tmp = path.with_suffix(".tmp")
-    tmp.unlink(missing_ok=True)
-    _buildah("push", "--quiet", name, f"docker-archive:{tmp}:{name}")
-    tmp.rename(path)
+        with contextlib.suppress(OSError):
+            if old != path and time.time() - old.stat().st_mtime > ARCHIVE_KEEP_SECONDS:
+                old.unlink()
     return path
 
 
@@ -254,12 +300,13 @@ def build_node(images: bool = True) -> NodeBinaries:
         build_pause()
     archives: tuple[Path, ...] = ()
     if images:
-        build_pause_image()
-        if os.environ.get("MAIL_SELFCHECK_NODE_IMAGE_BUILD", "1") != "0" or not _image_id(APP_IMAGE):
-            build_app_image()
-        else:
-            _log(f"MAIL_SELFCHECK_NODE_IMAGE_BUILD=0: using the {APP_IMAGE} already built")
-        archives = (image_archive(PAUSE_IMAGE), image_archive(APP_IMAGE))
+        with _build_lock():  # one image build + export at a time per cache (tests and demo)
+            build_pause_image()
+            if os.environ.get("MAIL_SELFCHECK_NODE_IMAGE_BUILD", "1") != "0" or not _image_id(APP_IMAGE):
+                build_app_image()
+            else:
+                _log(f"MAIL_SELFCHECK_NODE_IMAGE_BUILD=0: using the {APP_IMAGE} already built")
+            archives = (image_archive(PAUSE_IMAGE), image_archive(APP_IMAGE))
     _log(f"node build ready in {time.monotonic() - t0:.0f}s")
     return NodeBinaries(kubelet / "kubelet", sched / "kube-scheduler", archives)
 
@@ -862,8 +909,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--no-images", action="store_true", help="binaries only")
     u = sub.add_parser("up", help="build, then run a control plane + scheduler + this node in "
                                   "the foreground until Ctrl-C / SIGTERM (then stop everything)")
-    u.add_argument("--run-dir", default=str(cache_root() / "node-run"),
-                   help="logs and state (default: %(default)s; emptied first)")
+    u.add_argument("--run-dir", help="logs and state (default: a fresh directory under the "
+                                      "cache, removed at the end unless --keep)")
+    u.add_argument("--keep", action="store_true", help="keep the run directory")
     sub.add_parser("cleanup", help="tear down nodes left by killed runs")
     args = parser.parse_args(argv)
     if args.cmd == "cleanup":
@@ -871,8 +919,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "up":
         nb = build_node()
-        run = Path(args.run_dir)
-        shutil.rmtree(run, ignore_errors=True)
+        if args.run_dir:
+            run = Path(args.run_dir)
+            run.mkdir(parents=True, exist_ok=True)
+        else:  # never a fixed directory: two nodes may run at once (tests, make demo)
+            cache_root().mkdir(parents=True, exist_ok=True)
+            run = Path(tempfile.mkdtemp(prefix="node-run-", dir=cache_root()))
         cp = ControlPlane(cpmod.build_all(), run / "cp", node_agent=False)
         node = Node(cp, run / "node", binaries=nb)
 
@@ -893,6 +945,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             node.stop()
             cp.stop()
+            if not (args.keep or args.run_dir):
+                shutil.rmtree(run, ignore_errors=True)
         return 0
     if args.cmd == "build":
         t0 = time.monotonic()

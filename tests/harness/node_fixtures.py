@@ -28,25 +28,16 @@ from __future__ import annotations
 import re
 import time
 import uuid
-from dataclasses import dataclass
 
 import pytest
 
 from tests.harness import controlplane as cpmod
 from tests.harness import node as nodemod
 from tests.harness.mail_fixtures import reset_mail_stack
-from tests.harness.mailstack import MailStack, MailStackError
-
-
-@dataclass
-class NodeCluster:
-    cp: cpmod.ControlPlane
-    node: nodemod.Node
-    image: str = nodemod.APP_IMAGE
-
-    def diag(self) -> str:
-        pods = self.cp.kubectl("get", "pods,jobs", "-A", "-o", "wide", check=False)
-        return f"{pods.stdout}{pods.stderr}\n{self.node.logs(30)}"
+from tests.harness.mailstack import MailStackError
+from tests.harness.node_operator import (  # noqa: F401 (pod_env: the fixtures' API)
+    NodeCluster, NodeMailStack, expose_mail, pod_env,
+)
 
 
 @pytest.fixture(scope="session")
@@ -94,35 +85,6 @@ def node_namespace(node_cluster: NodeCluster, request: pytest.FixtureRequest):
         cp.kubectl("delete", "namespace", name, "--wait=false", check=False)
 
 
-class NodeMailStack(MailStack):
-    """The test mail stack whose server certificate is also valid for the node IP (what pods
-    dial), so probes verify TLS against the stack's CA exactly as on the host."""
-
-    extra_ip = nodemod.NODE_IP
-
-    def _make_tls(self) -> None:
-        super()._make_tls()
-        d = self.tls_dir
-        ext = (d / "server.ext").read_text().replace(
-            "subjectAltName=DNS:localhost,IP:127.0.0.1",
-            f"subjectAltName=DNS:localhost,IP:127.0.0.1,IP:{self.extra_ip}")
-        if f"IP:{self.extra_ip}" not in ext:
-            raise MailStackError("unexpected server.ext in mailstack.py: update NodeMailStack")
-        (d / "server.ext").write_text(ext)
-        self._run(["openssl", "x509", "-req", "-in", str(d / "server.csr"),
-                   "-CA", str(self.ca_file), "-CAkey", str(d / "ca.key"), "-CAcreateserial",
-                   "-days", "3", "-extfile", str(d / "server.ext"), "-out",
-                   str(self.cert_file)], "openssl sign (node IP)")
-
-
-def pod_env(stack: MailStack, **kw) -> dict[str, str]:
-    """``stack.probe_env(**kw)`` with the SMTP/IMAP host pods use (the node IP)."""
-    env = stack.probe_env(**kw)
-    env["MESSAGES_SELFCHECK_SMTP_HOST"] = nodemod.NODE_IP
-    env["MESSAGES_SELFCHECK_IMAP_HOST"] = nodemod.NODE_IP
-    return env
-
-
 @pytest.fixture(scope="session")
 def node_mail_stack(node_cluster: NodeCluster):
     stack = NodeMailStack()
@@ -132,8 +94,7 @@ def node_mail_stack(node_cluster: NodeCluster):
         stack.stop()
         pytest.fail(f"the mail stack did not start:\n{e}", pytrace=False)
     try:
-        node_cluster.node.expose(stack.smtp_port, stack.submission_port, stack.submissions_port,
-                                 stack.submission_notls_port, stack.imap_port, stack.imaps_port)
+        expose_mail(node_cluster.node, stack)
         yield stack
     finally:
         stack.stop()

@@ -1,20 +1,70 @@
 """The chart's operator installed with ``helm install`` on the real node, and helpers for
-MailSelfchecks whose probe pods run there (used by ``tests/node/``)."""
+MailSelfchecks whose probe pods run there (used by ``tests/node/`` and ``make demo``)."""
 
 from __future__ import annotations
 
 import json
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
+from tests.harness import controlplane as cpmod
+from tests.harness import node as nodemod
 from tests.harness.chart_operator import CHART
+from tests.harness.mailstack import MailStack, MailStackError
 from tests.harness.waiting import wait_until
 
 GROUP = "selfcheck.mail-selfcheck.dev"
 UID = 65532
+
+
+@dataclass
+class NodeCluster:
+    cp: cpmod.ControlPlane
+    node: nodemod.Node
+    image: str = nodemod.APP_IMAGE
+
+    def diag(self) -> str:
+        pods = self.cp.kubectl("get", "pods,jobs", "-A", "-o", "wide", check=False)
+        return f"{pods.stdout}{pods.stderr}\n{self.node.logs(30)}"
+
+
+class NodeMailStack(MailStack):
+    """The test mail stack whose server certificate is also valid for the node IP (what pods
+    dial), so probes verify TLS against the stack's CA exactly as on the host."""
+
+    extra_ip = nodemod.NODE_IP
+
+    def _make_tls(self) -> None:
+        super()._make_tls()
+        d = self.tls_dir
+        ext = (d / "server.ext").read_text().replace(
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            f"subjectAltName=DNS:localhost,IP:127.0.0.1,IP:{self.extra_ip}")
+        if f"IP:{self.extra_ip}" not in ext:
+            raise MailStackError("unexpected server.ext in mailstack.py: update NodeMailStack")
+        (d / "server.ext").write_text(ext)
+        self._run(["openssl", "x509", "-req", "-in", str(d / "server.csr"),
+                   "-CA", str(self.ca_file), "-CAkey", str(d / "ca.key"), "-CAcreateserial",
+                   "-days", "3", "-extfile", str(d / "server.ext"), "-out",
+                   str(self.cert_file)], "openssl sign (node IP)")
+
+
+def expose_mail(node: nodemod.Node, stack: MailStack) -> None:
+    """Make the stack's SMTP and IMAP ports reachable from pods at ``node.ip``."""
+    node.expose(stack.smtp_port, stack.submission_port, stack.submissions_port,
+                stack.submission_notls_port, stack.imap_port, stack.imaps_port)
+
+
+def pod_env(stack: MailStack, **kw) -> dict[str, str]:
+    """``stack.probe_env(**kw)`` with the SMTP/IMAP host pods use (the node IP)."""
+    env = stack.probe_env(**kw)
+    env["MESSAGES_SELFCHECK_SMTP_HOST"] = nodemod.NODE_IP
+    env["MESSAGES_SELFCHECK_IMAP_HOST"] = nodemod.NODE_IP
+    return env
 
 
 def image_values() -> dict:
@@ -33,23 +83,25 @@ def apply(cp, ns: str, obj: dict) -> None:
 class InstalledOperator:
     """A ``helm install`` of the chart on the node cluster and its operator pod."""
 
-    def __init__(self, cluster, values: dict, tmp: Path, release_ns: str | None = None):
+    def __init__(self, cluster, values: dict, tmp: Path, release_ns: str | None = None,
+                 release: str | None = None):
         self.cluster, self.cp = cluster, cluster.cp
         self.ns = release_ns or f"ops-{uuid.uuid4().hex[:6]}"
-        self.release = f"sc-{uuid.uuid4().hex[:4]}"
+        self.release = release or f"sc-{uuid.uuid4().hex[:4]}"
         self.values_file = tmp / f"{self.release}.values.yaml"
         self.values_file.write_text(yaml.safe_dump(values))
         self.installed_at = 0.0
         self.ready_after = 0.0
 
-    def install(self) -> "InstalledOperator":
+    def install(self, announce: bool = True) -> "InstalledOperator":
         self.installed_at = time.monotonic()
         self.cp.helm("install", self.release, str(CHART), "-n", self.ns, "--create-namespace",
                      "-f", str(self.values_file))
         self.pod = wait_until(self._ready_pod, 120, "the operator pod to be Running and Ready",
                               diag=self.diag)
         self.ready_after = time.monotonic() - self.installed_at
-        print(f"\nhelm install -> operator pod Ready: {self.ready_after:.1f}s")
+        if announce:
+            print(f"\nhelm install -> operator pod Ready: {self.ready_after:.1f}s")
         return self
 
     def pods(self) -> list[dict]:
@@ -121,3 +173,30 @@ def status(cp, ns: str, name: str) -> dict:
     return get(cp, ns, "mailselfcheck", name).get("status") or {}
 
 
+def pod(name: str, command: list[str], image: str, **spec) -> dict:
+    return {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
+        "spec": {
+            "restartPolicy": "Never",
+            "automountServiceAccountToken": False,
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532,
+                                "seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [{
+                "name": "main", "image": image, "imagePullPolicy": "Never", "command": command,
+                "securityContext": {"readOnlyRootFilesystem": True,
+                                    "allowPrivilegeEscalation": False,
+                                    "capabilities": {"drop": ["ALL"]}}}],
+            **spec,
+        },
+    }
+
+
+def run_pod(cluster, ns: str, body: dict, timeout: float = 90) -> dict:
+    cp = cluster.cp
+    cp.kubectl("-n", ns, "apply", "-f", "-", input=json.dumps(body))
+    name = body["metadata"]["name"]
+
+    def done():
+        p = json.loads(cp.kubectl("-n", ns, "get", "pod", name, "-o", "json").stdout)
+        return p if p.get("status", {}).get("phase") in ("Succeeded", "Failed") else None
+    return wait_until(done, timeout, f"pod {ns}/{name} to finish", diag=cluster.diag)

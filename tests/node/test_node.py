@@ -12,38 +12,9 @@ from pathlib import Path
 import pytest
 
 from tests.harness import node as nodemod
-from tests.harness.waiting import wait_until
+from tests.harness.node_operator import pod, run_pod
 
 pytestmark = [pytest.mark.node, pytest.mark.timeout(1800)]
-
-
-def pod(name: str, command: list[str], image: str, **spec) -> dict:
-    return {
-        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name},
-        "spec": {
-            "restartPolicy": "Never",
-            "automountServiceAccountToken": False,
-            "securityContext": {"runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532,
-                                "seccompProfile": {"type": "RuntimeDefault"}},
-            "containers": [{
-                "name": "main", "image": image, "imagePullPolicy": "Never", "command": command,
-                "securityContext": {"readOnlyRootFilesystem": True,
-                                    "allowPrivilegeEscalation": False,
-                                    "capabilities": {"drop": ["ALL"]}}}],
-            **spec,
-        },
-    }
-
-
-def run_pod(cluster, ns: str, body: dict, timeout: float = 90) -> dict:
-    cp = cluster.cp
-    cp.kubectl("-n", ns, "apply", "-f", "-", input=json.dumps(body))
-    name = body["metadata"]["name"]
-
-    def done():
-        p = json.loads(cp.kubectl("-n", ns, "get", "pod", name, "-o", "json").stdout)
-        return p if p.get("status", {}).get("phase") in ("Succeeded", "Failed") else None
-    return wait_until(done, timeout, f"pod {ns}/{name} to finish", diag=cluster.diag)
 
 
 def test_node_network_has_no_route_out(node_cluster):
