@@ -16,7 +16,8 @@ configuration: environment variables (flags above override them)
       skips the run)
   MESSAGES_SELFCHECK_WEBHOOK_KIND (generic | healthchecks | uptime-kuma | gatus |
       betterstack | cronitor), _WEBHOOK_FAILURE_URL (generic), _WEBHOOK_TOKEN (gatus)
-  MESSAGES_SELFCHECK_SMTP_HOST, _SMTP_PORT, _SMTP_SECURITY, _SMTP_USERNAME, _SMTP_PASSWORD
+  MESSAGES_SELFCHECK_SMTP_HOST, _SMTP_PORT, _SMTP_SECURITY, _SMTP_USERNAME, _SMTP_PASSWORD,
+      _SMTP_EHLO_NAME (default: FROM's domain)
   MESSAGES_SELFCHECK_IMAP_HOST, _IMAP_PORT, _IMAP_SECURITY, _IMAP_USERNAME, _IMAP_PASSWORD,
       _IMAP_FOLDER, _IMAP_DETECTION, _IMAP_POLL_INTERVAL,
       _IMAP_JUNK_FOLDERS (comma-separated extra junk folder names)

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Literal
 
+#: A DNS domain name (labels of letters, digits and inner hyphens; no anchors).
+DOMAIN_PATTERN = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*"
+
 #: A mailbox address (RFC 5321 4.1.2 ``Mailbox``, restricted to the dot-atom local parts
 #: and DNS domain names that submission servers accept in practice). Used by the probe's
 #: settings validation and, verbatim, as the CRD's OpenAPI ``pattern``.
-ADDRESS_PATTERN = (
-    r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
-    r"@[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
-)
+ADDRESS_PATTERN = r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*@" + DOMAIN_PATTERN + "$"
 
 #: How the probe secures SMTP submission.
 #: ``starttls``: RFC 3207 on the submission port (587), AUTH refused without it;

@@ -27,6 +27,7 @@ from .common import (
     DEFAULT_INTERVAL,
     DEFAULT_SMTP_PORTS,
     DEFAULT_TIMEOUT,
+    DOMAIN_PATTERN,
     Detection,
     ImapSecurity,
     SmtpSecurity,
@@ -38,6 +39,8 @@ ENV_PREFIX = "MESSAGES_SELFCHECK_"
 #: Heartbeat services the probe speaks to (``MESSAGES_SELFCHECK_WEBHOOK_KIND``).
 WEBHOOK_KINDS: tuple[str, ...] = WebhookKind.__args__
 _ADDRESS = re.compile(ADDRESS_PATTERN)
+#: An EHLO argument (RFC 5321 4.1.1.1): a domain name, or an address literal in brackets.
+_EHLO_NAME = re.compile(rf"^{DOMAIN_PATTERN}$|^\[(IPv6:)?[0-9A-Fa-f.:]+\]$")
 
 
 class ProbeSettings(BaseModel):
@@ -85,6 +88,9 @@ class ProbeSettings(BaseModel):
     smtp_security: SmtpSecurity = "starttls"
     smtp_username: str | None = Field(None, description="Default: the FROM address.")
     smtp_password: SecretStr | None = None
+    smtp_ehlo_name: str | None = Field(
+        None, description="Name given in EHLO (RFC 5321 4.1.1.1). Default: the FROM address's domain (no DNS lookup)."
+    )
 
     imap_host: str = Field("localhost", min_length=1)
     imap_port: int | None = Field(None, ge=1, le=65535, description="Default: 993 (tls) or 143 (starttls, plain).")
@@ -137,6 +143,13 @@ class ProbeSettings(BaseModel):
         if value and not _ADDRESS.match(value):
             raise ValueError(f"{value!r} is not a mail address like user@example.com")
         return value
+
+    @field_validator("smtp_ehlo_name")
+    @classmethod
+    def _ehlo_name(cls, value: str | None) -> str | None:
+        if value is not None and not _EHLO_NAME.match(value.strip()):
+            raise ValueError(f"{value!r} is not a host name like probe.example.com or an address literal like [192.0.2.1]")
+        return value.strip() if value is not None else None
 
     @field_validator("webhook_url", "webhook_failure_url")
     @classmethod
@@ -240,6 +253,12 @@ class ProbeSettings(BaseModel):
     @property
     def smtp_login(self) -> str:
         return self.smtp_username or self.from_address
+
+    @property
+    def smtp_ehlo(self) -> str:
+        """What the probe says in EHLO: ``smtp_ehlo_name``, else the FROM address's domain (a
+        fixed name: ``socket.getfqdn()``, smtplib's default, may do a DNS lookup)."""
+        return self.smtp_ehlo_name or self.from_address.rpartition("@")[2] or "localhost"
 
     @property
     def imap_login(self) -> str:

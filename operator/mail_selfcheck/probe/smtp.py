@@ -3,8 +3,10 @@
 Security modes: ``starttls`` (RFC 3207; AUTH is never sent if the server does not offer
 STARTTLS), ``tls`` (implicit TLS, RFC 8314 3.3) and ``plain`` (no TLS; lab stacks only).
 Transient failures (4xx replies, RFC 5321 4.2.1, e.g. greylisting) are retried with
-exponential backoff (tenacity) while the time budget lasts; permanent failures (5xx) stop at
-once.
+exponential backoff (1, 2, 4, ... 30 s) while the time budget lasts; permanent failures (5xx)
+stop at once. EHLO names the FROM domain (or ``MESSAGES_SELFCHECK_SMTP_EHLO_NAME``), never
+``socket.getfqdn()``, smtplib's default, which costs a DNS lookup on hosts whose name is not in
+/etc/hosts.
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ import smtplib
 import ssl
 import time
 from dataclasses import dataclass, field
-
-from tenacity import RetryError, Retrying, retry_if_exception, stop_before_delay, wait_exponential
 
 from ..models.settings import ProbeSettings
 from .errors import ProbeFailure, describe_oserror, describe_starttls_error
@@ -70,9 +70,10 @@ def _connect(settings: ProbeSettings, timeout: float) -> smtplib.SMTP:
     greeting = min(GREETING_TIMEOUT, timeout)
     try:
         if settings.smtp_security == "tls":
-            smtp = smtplib.SMTP_SSL(host, port, timeout=greeting, context=client_context(settings))
+            smtp = smtplib.SMTP_SSL(host, port, local_hostname=settings.smtp_ehlo, timeout=greeting,
+                                    context=client_context(settings))
         else:
-            smtp = smtplib.SMTP(host, port, timeout=greeting)
+            smtp = smtplib.SMTP(host, port, local_hostname=settings.smtp_ehlo, timeout=greeting)
         smtp.timeout = timeout
         if smtp.sock is not None:
             smtp.sock.settimeout(timeout)  # the rest of the session: the run's budget
@@ -224,6 +225,10 @@ def _check(code: int, text: bytes | str, step: str, server: str) -> None:
     raise ProbeFailure("smtp_rejected", f"SMTP server {server} rejected {step}: {reply}", smtp_reply=reply)
 
 
+#: Longest pause between two attempts after a 4xx reply, seconds (the pauses double from 1 s).
+RETRY_MAX_WAIT = 30.0
+
+
 def send(settings: ProbeSettings, message: SentMessage, deadline: float) -> SendOutcome:
     """Submit ``message`` from ``settings.from_address`` to ``settings.to_address``.
 
@@ -239,25 +244,21 @@ def send(settings: ProbeSettings, message: SentMessage, deadline: float) -> Send
     started = time.monotonic()
     attempts = 0
     session: dict = {}
-    retrying = Retrying(
-        retry=retry_if_exception(lambda exc: isinstance(exc, _Deferred)),
-        wait=wait_exponential(multiplier=1, min=1, max=30),
-        stop=stop_before_delay(max(0.0, deadline - started)),
-        reraise=False,
-    )
-    try:
-        for attempt in retrying:
-            with attempt:
-                attempts += 1
-                reply = _transaction(settings, message, deadline, session)
-    except RetryError as exc:
-        last = exc.last_attempt.exception()
-        reply = getattr(last, "reply", str(last))
-        raise ProbeFailure(
-            "smtp_deferred",
-            f"SMTP server {_server(settings)} deferred the message ({attempts} attempts) until the time budget ran out: {reply}",
-            smtp_reply=reply,
-        ) from None
+    while True:
+        attempts += 1
+        try:
+            reply = _transaction(settings, message, deadline, session)
+            break
+        except _Deferred as deferred:
+            pause = min(RETRY_MAX_WAIT, 2.0 ** (attempts - 1))
+            if time.monotonic() + pause >= deadline:  # the next attempt would start past the deadline
+                raise ProbeFailure(
+                    "smtp_deferred",
+                    f"SMTP server {_server(settings)} deferred the message ({attempts} attempts) until the time budget "
+                    f"ran out: {deferred.reply}",
+                    smtp_reply=deferred.reply,
+                ) from None
+            time.sleep(pause)
     sent_at, sent_at_epoch = time.monotonic(), time.time()
     return SendOutcome(send_time=sent_at - started, reply=reply, attempts=attempts, sent_at=sent_at,
                        sent_at_epoch=sent_at_epoch, timings=session.get("timings") or {}, tls=session.get("tls"))
