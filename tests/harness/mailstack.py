@@ -252,6 +252,32 @@ def _tail(path: pathlib.Path, lines: int) -> str:
         return f"<{path}: {e}>"
 
 
+def env_for(f: "User", t: "User", secret: str, ca_file, smtp: tuple[str, int], imap: tuple[str, int],
+            overrides: dict) -> dict[str, str]:
+    """The probe's ``MESSAGES_SELFCHECK_*`` environment (all ``str``) for FROM ``f`` and TO ``t``
+    on loopback; ``smtp``/``imap``: ``(security, port)``; ``overrides`` as in
+    :meth:`MailStack.probe_env` (suffix or full name; ``None`` deletes)."""
+    p = "MESSAGES_SELFCHECK_"
+    env = {
+        p + "FROM": f.address, p + "TO": t.address, p + "SECRET": secret,
+        p + "INTERVAL": "600", p + "TIMEOUT": "20", p + "WEBHOOK_URL": "",
+        p + "SMTP_HOST": HOST, p + "SMTP_PORT": str(smtp[1]),
+        p + "SMTP_SECURITY": smtp[0], p + "SMTP_USERNAME": f.address,
+        p + "SMTP_PASSWORD": f.password,
+        p + "IMAP_HOST": HOST, p + "IMAP_PORT": str(imap[1]),
+        p + "IMAP_SECURITY": imap[0], p + "IMAP_USERNAME": t.address,
+        p + "IMAP_PASSWORD": t.password, p + "IMAP_FOLDER": "INBOX",
+        p + "TLS_CA_FILE": str(ca_file), p + "TLS_INSECURE_SKIP_VERIFY": "false",
+    }
+    for k, v in overrides.items():
+        key = k if k.upper().startswith(p) else p + k.upper()
+        if v is None:
+            env.pop(key, None)
+        else:
+            env[key] = str(v).lower() if isinstance(v, bool) else str(v)
+    return env
+
+
 class MailStack:
     """A real Postfix + Dovecot + postgrey stack under a temporary directory (see module doc).
 
@@ -334,9 +360,8 @@ class MailStack:
         try:
             if not self._configured:
                 self._configure()
-            self.start_postgrey()
-            self.start_dovecot()
-            self.start_postfix()
+            for fn in self._starters():
+                fn()
         except BaseException:
             self.stop(_remove=False)
             raise
@@ -348,14 +373,22 @@ class MailStack:
             self._atexit = True
         return self
 
+    def _starters(self) -> tuple:
+        """What :meth:`start` calls, in order (a subclass with another backend overrides it)."""
+        return (self.start_postgrey, self.start_dovecot, self.start_postfix)
+
+    def _stoppers(self) -> tuple:
+        """What :meth:`stop` calls, in order."""
+        return (self.stop_postfix, self.stop_dovecot, self.stop_postgrey)
+
     def stop(self, _remove: bool = True) -> None:
         """Stop Postfix, Dovecot and postgrey (by PID; never raises); remove the temp dir
         unless ``keep`` or it was given by the caller."""
-        for fn in (self.stop_postfix, self.stop_dovecot, self.stop_postgrey):
+        for fn in self._stoppers():
             try:
                 fn()
             except Exception as e:  # noqa: BLE001 - stop must not raise
-                print(f"mailstack: {fn.__name__}: {e}", file=sys.stderr)
+                print(f"{type(self).__name__}: {fn.__name__}: {e}", file=sys.stderr)
         self.started = False
         if _remove and self._own_dir and not self.keep:
             shutil.rmtree(self.base, ignore_errors=True)
@@ -1085,25 +1118,8 @@ class MailStack:
         if imap_security not in imap_ports:
             raise ValueError(f"imap_security must be one of {sorted(imap_ports)}")
         f, t = self.users[self._short(from_user)], self.users[self._short(to_user)]
-        p = "MESSAGES_SELFCHECK_"
-        env = {
-            p + "FROM": f.address, p + "TO": t.address, p + "SECRET": self.secret,
-            p + "INTERVAL": "600", p + "TIMEOUT": "20", p + "WEBHOOK_URL": "",
-            p + "SMTP_HOST": HOST, p + "SMTP_PORT": str(smtp_ports[smtp_security]),
-            p + "SMTP_SECURITY": smtp_security, p + "SMTP_USERNAME": f.address,
-            p + "SMTP_PASSWORD": f.password,
-            p + "IMAP_HOST": HOST, p + "IMAP_PORT": str(imap_ports[imap_security]),
-            p + "IMAP_SECURITY": imap_security, p + "IMAP_USERNAME": t.address,
-            p + "IMAP_PASSWORD": t.password, p + "IMAP_FOLDER": "INBOX",
-            p + "TLS_CA_FILE": str(self.ca_file), p + "TLS_INSECURE_SKIP_VERIFY": "false",
-        }
-        for k, v in overrides.items():
-            key = k if k.upper().startswith(p) else p + k.upper()
-            if v is None:
-                env.pop(key, None)
-            else:
-                env[key] = str(v).lower() if isinstance(v, bool) else str(v)
-        return env
+        return env_for(f, t, self.secret, self.ca_file, (smtp_security, smtp_ports[smtp_security]),
+                       (imap_security, imap_ports[imap_security]), overrides)
 
     def describe(self) -> dict:
         """JSON-able summary: ports, users/passwords, CA file, log paths, base dir."""

@@ -308,33 +308,11 @@ class PostfixFront(MailStack):
         self.imap_ssl_port = self.imaps_port
 
     # -- lifecycle (replaces MailStack's Dovecot + postgrey handling)
-    def start(self):
-        t0 = time.monotonic()
-        try:
-            if not self._configured:
-                self._configure()
-            self.start_backend()
-            self.start_postfix()
-        except BaseException:
-            self.stop(_remove=False)
-            raise
-        self.started = True
-        self.startup_seconds = time.monotonic() - t0
-        if not self._atexit:
-            import atexit
-            atexit.register(self.stop)
-            self._atexit = True
-        return self
+    def _starters(self) -> tuple:
+        return (self.start_backend, self.start_postfix)
 
-    def stop(self, _remove: bool = True) -> None:
-        for fn in (self.stop_postfix, self.stop_backend):
-            try:
-                fn()
-            except Exception as e:  # noqa: BLE001 - stop must not raise
-                print(f"{type(self).__name__}: {fn.__name__}: {e}", flush=True)
-        self.started = False
-        if _remove and self._own_dir and not self.keep:
-            shutil.rmtree(self.base, ignore_errors=True)
+    def _stoppers(self) -> tuple:
+        return (self.stop_postfix, self.stop_backend)
 
     def start_dovecot(self) -> None:  # the mail_stack fixture's reset never reaches here
         self.start_backend()

@@ -40,7 +40,7 @@ import subprocess
 import tempfile
 import time
 
-from tests.harness.mailstack import DOMAIN, HOST, MailStack, User, _imap_greeting, _tail, _wait_port
+from tests.harness.mailstack import DOMAIN, HOST, MailStack, User, _imap_greeting, _tail, _wait_port, env_for
 
 from .common import ImapView, ServerStackError, ensure_installed, stop_process
 
@@ -200,26 +200,9 @@ class GreenMailStack:
         imap_ports = {"tls": self.imaps_port, "starttls": self.imap_port, "plain": self.imap_port}
         if smtp_security not in smtp_ports or imap_security not in imap_ports:
             raise ValueError(f"unknown security mode {smtp_security!r}/{imap_security!r}")
-        f, t = self.users[from_user], self.users[to_user]
-        p = "MESSAGES_SELFCHECK_"
-        env = {
-            p + "FROM": f.address, p + "TO": t.address, p + "SECRET": self.secret,
-            p + "INTERVAL": "600", p + "TIMEOUT": "20", p + "WEBHOOK_URL": "",
-            p + "SMTP_HOST": HOST, p + "SMTP_PORT": str(smtp_ports[smtp_security]),
-            p + "SMTP_SECURITY": smtp_security, p + "SMTP_USERNAME": f.address,
-            p + "SMTP_PASSWORD": f.password,
-            p + "IMAP_HOST": HOST, p + "IMAP_PORT": str(imap_ports[imap_security]),
-            p + "IMAP_SECURITY": imap_security, p + "IMAP_USERNAME": t.address,
-            p + "IMAP_PASSWORD": t.password, p + "IMAP_FOLDER": "INBOX",
-            p + "TLS_CA_FILE": str(self.ca_file), p + "TLS_INSECURE_SKIP_VERIFY": "false",
-        }
-        for k, v in overrides.items():
-            key = k if k.upper().startswith(p) else p + k.upper()
-            if v is None:
-                env.pop(key, None)
-            else:
-                env[key] = str(v).lower() if isinstance(v, bool) else str(v)
-        return env
+        return env_for(self.users[from_user], self.users[to_user], self.secret, self.ca_file,
+                       (smtp_security, smtp_ports[smtp_security]), (imap_security, imap_ports[imap_security]),
+                       overrides)
 
     def describe(self) -> dict:
         """JSON-able summary: server, version, ports, users, CA file, log path, base dir."""
