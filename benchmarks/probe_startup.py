@@ -1,8 +1,10 @@
 """Start-up cost of the probe process (issue 13): two code versions side by side, one stack.
 
 Each run is a real ``mail-selfcheck run`` (a fresh process, as in a Job) against Postfix +
-Dovecot from ``tests/harness/mailstack`` (STARTTLS submission, IMAPS, the stack's CA file, no
-webhook unless ``--webhook``), with the versions interleaved run by run. Per version:
+Dovecot from ``tests/harness/mailstack`` (STARTTLS submission, IMAPS, no webhook unless
+``--webhook``), with the versions interleaved run by run. Certificates are verified against the
+system CAs as in production (``SSL_CERT_FILE``: the system bundle plus the stack's CA), or with
+``--stack-ca`` against the stack's CA file alone (``MESSAGES_SELFCHECK_TLS_CA_FILE``). Per version:
 
 * ``imports ms``: the sum of ``python -X importtime`` self times of every module the run
   imports beyond the interpreter's own start-up (``python -c pass``), measured in a separate
@@ -16,9 +18,10 @@ Versions: ``--before REV`` and ``--after REV`` are git revisions (``git archive 
 into a temporary directory, put first on ``PYTHONPATH``); ``--after`` defaults to this working
 tree. Without ``--before`` only one version is measured.
 
-    .venv/bin/python benchmarks/probe_startup.py --before 9d1efb1 [--runs 10] [--webhook]
+    .venv/bin/python benchmarks/probe_startup.py --before 9d1efb1 [--runs 10] [--webhook] [--stack-ca]
 
-Prints medians (and the minimum) per version and the ratio after / before. Not a test.
+Prints medians (and the minimum) per version and the ratio after / before, then the packages
+that cost the most import time in the last version. Not a test.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import argparse
 import http.server
 import os
 import re
+import ssl
 import statistics
 import subprocess
 import sys
@@ -92,7 +96,8 @@ class _Hook(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def run_probe(env: dict[str, str], pythonpath: Path, importtime: bool, skip: set[str]) -> dict[str, float]:
+def run_probe(env: dict[str, str], pythonpath: Path, importtime: bool, skip: set[str],
+              packages: dict[str, float] | None = None) -> dict[str, float]:
     """One ``mail-selfcheck run`` process; its figures (see the module docstring)."""
     env = {**env, "PYTHONPATH": str(pythonpath)}
     argv = [sys.executable, *(["-X", "importtime"] if importtime else []), "-c", RUNNER]
@@ -109,7 +114,12 @@ def run_probe(env: dict[str, str], pythonpath: Path, importtime: bool, skip: set
     if proc.returncode != 0 or "selfcheck_completed success=true" not in stderr:
         raise SystemExit(f"probe run failed (exit {proc.returncode}):\n{stderr[-3000:]}")
     if importtime:
-        return {"imports ms": sum(us for name, us in _import_lines(stderr) if name not in skip) / 1000.0}
+        lines = [(name, us) for name, us in _import_lines(stderr) if name not in skip]
+        if packages is not None:  # self time per top-level package, ms (the last run's)
+            packages.clear()
+            for name, us in lines:
+                packages[name.split(".")[0]] = packages.get(name.split(".")[0], 0.0) + us / 1000.0
+        return {"imports ms": sum(us for _, us in lines) / 1000.0}
     connect = float(re.search(r"@@first_connect (\S+)", stderr).group(1))
     return {
         "first connect ms": (connect - started) * 1000.0,
@@ -124,6 +134,8 @@ def main() -> None:
     parser.add_argument("--after", metavar="REV", help="git revision measured as 'after' (default: this working tree)")
     parser.add_argument("--runs", type=int, default=10, help="runs per version and figure (default 10)")
     parser.add_argument("--webhook", action="store_true", help="with a generic webhook (a loopback HTTP receiver)")
+    parser.add_argument("--stack-ca", action="store_true",
+                        help="verify against the stack's CA file only (default: the system CAs plus the stack's CA)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="probe-startup-") as tmp:
@@ -142,23 +154,31 @@ def main() -> None:
         with MailStack() as stack:
             env = {k: v for k, v in os.environ.items() if not k.startswith("MESSAGES_SELFCHECK_")}
             env.update(stack.probe_env())
+            if not args.stack_ca:  # production: the system bundle (plus the stack's CA, so its certificate verifies)
+                bundle = Path(tmp) / "system-plus-stack.pem"
+                system = Path(ssl.get_default_verify_paths().cafile or "/etc/ssl/certs/ca-certificates.crt")
+                bundle.write_text(system.read_text() + Path(stack.ca_file).read_text())
+                env["SSL_CERT_FILE"] = str(bundle)
+                del env["MESSAGES_SELFCHECK_TLS_CA_FILE"]
             if args.webhook:
                 server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Hook)
                 threading.Thread(target=server.serve_forever, daemon=True).start()
                 env["MESSAGES_SELFCHECK_WEBHOOK_URL"] = f"http://127.0.0.1:{server.server_address[1]}/ping/tok"
             figures = {label: {m: [] for m in METRICS} for label in versions}
+            packages: dict[str, float] = {}
             for label, path in versions.items():  # warm-up: .pyc files, the stack's caches
                 run_probe(env, path, False, skip)
             for _ in range(args.runs):
                 for importtime in (False, True):
                     for label, path in versions.items():
-                        for key, value in run_probe(env, path, importtime, skip).items():
+                        for key, value in run_probe(env, path, importtime, skip, packages).items():
                             figures[label][key].append(value)
             if server is not None:
                 server.shutdown()
 
-    print(f"\nprobe start-up, {args.runs} runs per version and figure, Postfix + Dovecot on loopback"
-          f"{', generic webhook' if args.webhook else ''}; bare `python -c pass`: {statistics.median(bare):.1f} ms")
+    print(f"\nprobe start-up, {args.runs} runs per version and figure, Postfix + Dovecot on loopback, "
+          f"{'the stack CA file' if args.stack_ca else 'system CAs'}{', generic webhook' if args.webhook else ''}; "
+          f"bare `python -c pass`: {statistics.median(bare):.1f} ms")
     labels = list(versions)
     width = max(len(label) for label in labels) + 2
     print(f"{'figure':<18}" + "".join(f"{label + ' median (min)':>{width + 14}}" for label in labels)
@@ -174,6 +194,10 @@ def main() -> None:
         if len(labels) == 2:
             row += f"{medians[1] / medians[0]:15.2f}"
         print(row)
+
+    top = sorted(packages.items(), key=lambda item: -item[1])[:10]
+    print(f"\nimport time by package, {labels[-1]}, last run (ms, -X importtime self times): "
+          + ", ".join(f"{name} {ms:.1f}" for name, ms in top))
 
 
 if __name__ == "__main__":
