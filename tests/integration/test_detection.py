@@ -104,7 +104,7 @@ def test_late_delivery_with_expected_arrival_costs_at_most_30_commands(matrix_se
         with Release(matrix_server.stack, 3.0) as release:
             result = _cli(env)
         _assert_timed_at_announcement(result, release)
-        assert proxy.command_count() <= 30, proxy.command_names()
+        assert proxy.command_count() <= 30, (proxy.command_names(), proxy.commands)
         assert proxy.command_names().get("IDLE", 0) <= 2, proxy.command_names()
 
 
@@ -174,3 +174,20 @@ def test_expected_arrival_setting_is_validated() -> None:
     assert proc.returncode != 0
     assert "MESSAGES_SELFCHECK_IMAP_EXPECTED_ARRIVAL" in proc.stdout + proc.stderr
     assert "'soon' is not a number of seconds" in proc.stdout + proc.stderr
+
+
+def test_a_check_asks_nothing_twice(mail_stack) -> None:
+    """Dovecot sends its capabilities in the greeting and in the LOGIN reply (RFC 3501 7.1):
+    no ``CAPABILITY`` command; the watched folder is SELECTed once (cleanup works in the
+    selected INBOX; Junk is swept), and Trash is not looked at on a server that deletes by
+    expunging (UIDPLUS)."""
+    with ImapProxy(mail_stack, Personality()) as proxy:
+        env = mail_stack.probe_env(imap_security="plain", imap_port=proxy.port)
+        env["MESSAGES_SELFCHECK_SECRET"] = "dt-" + secrets.token_hex(6)
+        result = _cli(env)
+    assert result["success"] is True and result["cleanup_warning"] is None, result
+    names = proxy.command_names()
+    assert "CAPABILITY" not in names, proxy.commands
+    selects = [c.split(b" ", 1)[1] for c in proxy.commands if b" SELECT " in c]
+    assert selects == [b'SELECT "INBOX"', b'SELECT "Junk"'], proxy.commands
+    assert mail_stack.messages("receiver") == []

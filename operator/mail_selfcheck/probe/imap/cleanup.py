@@ -164,9 +164,20 @@ class _Run:
         if folder not in folders:
             folders.append(folder)
 
+    def deletes_by_moving(self) -> bool:
+        """True when deleting means moving to ``\\Trash`` (Gmail, or MOVE without UIDPLUS)."""
+        caps = self.client.capabilities()
+        return bool(self.folders.trash) and (self.folders.gmail or (b"MOVE" in caps and b"UIDPLUS" not in caps))
+
     # -- one folder ---------------------------------------------------------------------------
+    def select(self, folder: str, readonly: bool = False) -> None:
+        """SELECT ``folder``, unless the session already has it selected (read-write, or
+        read-only as asked: a client that records ``selected``, as :class:`.session._Client`)."""
+        if getattr(self.client, "selected", None) not in ((folder, False), (folder, readonly)):
+            self.client.select_folder(folder, readonly=readonly)
+
     def candidates(self, folder: str, readonly: bool = False) -> list[Candidate]:
-        self.client.select_folder(folder, readonly=readonly)
+        self.select(folder, readonly)
         uids = self.client.search(["HEADER", TOKEN_HEADER, self.secret + "/"])
         return [c for c in verified(self.client, list(uids), self.secret) if self.doomed(c)]
 
@@ -178,7 +189,7 @@ class _Run:
         uids = [c.uid for c in doomed]
         client, trash, caps = self.client, self.folders.trash, self.client.capabilities()
         self.left[folder] = {c.nonce for c in doomed}
-        if trash and folder != trash and (self.folders.gmail or (b"MOVE" in caps and b"UIDPLUS" not in caps)):
+        if folder != trash and self.deletes_by_moving():
             if b"MOVE" in caps:
                 client.move(uids, trash)
             else:  # COPY, then \Deleted + UID EXPUNGE of the original (Gmail has UIDPLUS)
@@ -244,7 +255,7 @@ class _Run:
         self.clean_safely(all_mail)  # earlier runs' copies (archived or label-expunged) go to Trash too
         if self.moved_to_trash and self.folders.trash:
             self.clean_safely(self.folders.trash)
-        self.client.select_folder(all_mail, readonly=True)
+        self.select(all_mail, readonly=True)
         remaining = set()
         if self.message_id:
             uids = list(self.client.search(["HEADER", "Message-ID", self.message_id]))
@@ -269,7 +280,8 @@ def remove_probe_messages(
     message_id: str | None = None,
 ) -> CleanupReport:
     """Delete this run's message and earlier runs' leftovers in ``folders_to_clean`` (then in
-    Trash where messages were moved, then, on Gmail, in ``\\All``), following the module doc.
+    Trash where the server deletes by moving there, then, on Gmail, in ``\\All``), following
+    the module doc.
 
     Args:
         client: a logged-in session (not in IDLE); its selected folder changes.
@@ -293,8 +305,10 @@ def remove_probe_messages(
     for folder in dict.fromkeys(folders_to_clean):
         if folder:
             run.clean_safely(folder)
-    if folders.trash and folders.trash not in folders_to_clean:
-        run.clean_safely(folders.trash)  # this run's moved copy, and leftovers of earlier runs
+    if folders.trash and folders.trash not in folders_to_clean and run.deletes_by_moving():
+        # this run's moved copy, and earlier runs' (a server that deletes by expunging
+        # never put the probe's mail there: no SELECT/SEARCH of Trash then)
+        run.clean_safely(folders.trash)
     if folders.gmail:
         run.confirm_all_mail()
     for reply, where in run.refused.items():

@@ -39,8 +39,9 @@ NOOP/SELECT, not as announced during IDLE (Gmail; MailKit issue 835). A FETCH th
 empty (maddy answers a UID it has not announced yet with nothing) is retried after a NOOP:
 it is never an integrity verdict. A final search runs before a timeout is declared. The
 junk folder is checked with ``STATUS (UIDNEXT)`` (without history 1 s after the start, with
-history at the end of the window, then every :data:`JUNK_CHECK_EVERY` and at the end): a
-message there is reported as ``delivered to junk``.
+history :data:`JUNK_AFTER_WINDOW` after the window, so that a delivery just behind the window
+costs no junk check; then every :data:`JUNK_CHECK_EVERY` and at the end): a message there is
+reported as ``delivered to junk``.
 
 A session that breaks or stops answering (per-command timeout, :mod:`.session`) is
 reopened and detection goes on, within the run's deadline.
@@ -74,6 +75,7 @@ IDLE_MIN = 0.3  # seconds: shorter waits are sleeps, longer ones IDLE (where off
 SLOW_POLL_MAX = 1.0  # seconds: longest wait between two checks while IDLE has never pushed
 IDLE_RENEW = 5.0  # seconds: longest IDLE (once the server's IDLE has pushed)
 JUNK_CHECK_EVERY = 3.0  # seconds between STATUS checks of the junk folder
+JUNK_AFTER_WINDOW = 1.0  # seconds after the expected-arrival window of the first junk check
 HISTORY = 10  # recent reception times kept per mailbox in this process (run --loop)
 EMPTY_FETCH_RETRY = 0.05  # seconds before the first retry of an empty FETCH (doubles, max 1 s)
 
@@ -155,7 +157,7 @@ class _Watch:
         self.strategy = strategy
         self.start = start
         self.plan = plan(recent_arrivals(box)) if strategy == "adaptive" else Plan(fast_until=0.0)
-        first_junk = self.plan.window[1] if self.plan.window else 1.0
+        first_junk = self.plan.window[1] + JUNK_AFTER_WINDOW if self.plan.window else 1.0
         self.next_junk = start + first_junk
         self.search_now = False  # search at the next check regardless of EXISTS (new session)
         self.grown_at: float | None = None  # when EXISTS last grew, not yet searched

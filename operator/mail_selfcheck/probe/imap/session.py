@@ -26,6 +26,7 @@ from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError, LoginError
 from imapclient.imap4 import IMAP4WithTimeout
 from imapclient.imapclient import SocketTimeout, _parse_untagged_response
+from imapclient.tls import IMAP4_TLS
 
 from ...models.result import TlsFacts
 from ...models.settings import ProbeSettings
@@ -53,27 +54,69 @@ class Found:
     seen_at: float
 
 
+class _GreetingCapabilities:
+    """imaplib asks ``CAPABILITY`` right after the greeting; a greeting that already carries
+    ``[CAPABILITY ...]`` (RFC 3501 7.1; Dovecot, Cyrus and Courier send it) answers that
+    without a round trip. Only at connect: after STARTTLS the list is asked for again, over
+    TLS (RFC 3501 6.2.1: what came before TLS is discarded)."""
+
+    def _get_capabilities(self):
+        sent = self.untagged_responses.pop("CAPABILITY", None)
+        if sent and sent[-1] and not self._tls_established:
+            self.capabilities = tuple(str(sent[-1], self._encoding).upper().split())
+            return
+        super()._get_capabilities()
+
+
+class _PlainIMAP4(_GreetingCapabilities, IMAP4WithTimeout):
+    """Plain TCP (then maybe STARTTLS); ``on_tcp()`` is called once the TCP connection is up,
+    before the greeting (to tell a silent server from an unreachable one)."""
+
+    def __init__(self, host: str, port: int, timeout: float | None, on_tcp=None):
+        self._on_tcp = on_tcp
+        super().__init__(host, port, timeout)
+
+    def _create_socket(self, timeout=None):
+        sock = super()._create_socket(timeout)
+        if self._on_tcp is not None:
+            self._on_tcp()
+        return sock
+
+
+class _TlsIMAP4(_GreetingCapabilities, IMAP4_TLS):
+    """Implicit TLS (RFC 8314 3.2)."""
+
+
 class _Client(IMAPClient):
-    """IMAPClient that tells a silent server from an unreachable one and accepts untagged
-    responses before IDLE's continuation."""
+    """IMAPClient that tells a silent server from an unreachable one, takes the capabilities
+    from the greeting, remembers the selected folder (``selected``: ``(folder, readonly)`` or
+    ``None``) and accepts untagged responses before IDLE's continuation."""
 
     def __init__(self, *args, on_tcp=None, **kwargs):
         self._on_tcp = on_tcp  # called once the TCP connection is up (before the greeting)
+        self.selected: tuple[str, bool] | None = None
         super().__init__(*args, **kwargs)
 
     def _create_IMAP4(self):  # noqa: N802 (IMAPClient's name)
-        if self.ssl or self.stream:
+        timeout = getattr(self._timeout, "connect", None)
+        if self.stream:
             return super()._create_IMAP4()
-        on_tcp = self._on_tcp
+        if self.ssl:
+            return _TlsIMAP4(self.host, self.port, self.ssl_context, timeout)
+        return _PlainIMAP4(self.host, self.port, timeout, on_tcp=self._on_tcp)
 
-        class _IMAP4(IMAP4WithTimeout):
-            def _create_socket(self, timeout=None):
-                sock = super()._create_socket(timeout)
-                if on_tcp is not None:
-                    on_tcp()
-                return sock
+    def select_folder(self, folder, readonly=False):
+        """IMAPClient's ``select_folder``, remembering what is selected."""
+        self.selected = None
+        info = super().select_folder(folder, readonly)
+        self.selected = (folder, bool(readonly))
+        return info
 
-        return _IMAP4(self.host, self.port, getattr(self._timeout, "connect", None))
+    def keep_capabilities(self) -> None:
+        """Cache the capabilities a LOGIN/AUTHENTICATE response carried (``[CAPABILITY ...]``,
+        RFC 3501 7.1), before the next SELECT flushes them (else IMAPClient asks again);
+        sends ``CAPABILITY`` only when the response had none."""
+        self.capabilities()
 
     def idle(self):
         """Start IDLE (RFC 2177); returns the untagged responses (parsed) that came before
@@ -184,12 +227,17 @@ class Mailbox:
                             server=self.server, forced=s.oauth2_mechanism)
             except (OSError, socket.timeout) as exc:
                 raise self.fail_network(exc, "login failed at") from exc
+            try:
+                client.keep_capabilities()
+            except (OSError, IMAPClientError) as exc:
+                raise self.fail_network(exc, "login failed at") from exc
             self.timings.setdefault("imap_login", round(time.monotonic() - connected, 4))
             self.arm(deadline)
             return
         self.arm(deadline, LOGIN_TIMEOUT)
         try:
             client.login(s.imap_login, s.imap_password.get_secret_value() if s.imap_password else "")
+            client.keep_capabilities()
         except LoginError as exc:
             # RFC 5530 3 [UNAVAILABLE]: the auth backend failed, not the password; Courier says so in
             # words only ("NO Temporary problem, please try again later").
