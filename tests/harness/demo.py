@@ -125,14 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         say("starting Postfix + Dovecot on loopback")
         stack.start()
-        say("starting etcd, kube-apiserver, kube-controller-manager")
-        cp.run_dir.mkdir(parents=True, exist_ok=True)
-        cp.start()
-        say(f"starting the node: kube-scheduler, then containerd + kubelet {nodemod.NODE_K8S_VERSION} "
-            f"in the network namespace {node.netns} (only lo and the pod bridge, no route out); "
-            f"importing {nodemod.APP_IMAGE} into containerd")
-        node.start()
-        say(f"node {node.name} Ready ({node.timings}); pods reach the mail stack at {node.ip}")
+        say("starting etcd, kube-apiserver, kube-controller-manager, kube-scheduler and the node: "
+            f"containerd + kubelet {nodemod.NODE_K8S_VERSION} in the network namespace {node.netns} "
+            f"(only lo and the pod bridge, no route out), importing {nodemod.APP_IMAGE} into containerd")
+        t0 = time.monotonic()
+        nodemod.start_cluster(cp, node)
+        say(f"node {node.name} Ready {time.monotonic() - t0:.1f} s later ({node.timings}); "
+            f"pods reach the mail stack at {node.ip}")
         expose_mail(node, stack)
         cluster = NodeCluster(cp, node)
         say(f"helm install {RELEASE} charts/selfcheck -n {RELEASE_NAMESPACE} --create-namespace "

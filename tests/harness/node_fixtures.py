@@ -53,11 +53,8 @@ def node_cluster(tmp_path_factory: pytest.TempPathFactory):
     cp = cpmod.ControlPlane(binaries, run / "cp", node_agent=False)
     node = nodemod.Node(cp, run / "node", binaries=node_binaries)
     try:
-        cp.start()
-        node.start()
+        nodemod.start_cluster(cp, node)
     except (cpmod.ControlPlaneError, nodemod.NodeError) as e:
-        node.stop()
-        cp.stop()
         pytest.fail(f"the real node failed to start: {e}", pytrace=False)
     print(f"\nnode cluster: build/find {t_build:.0f}s, start "
           f"{time.monotonic() - t0 - t_build:.0f}s ({node.timings})")
