@@ -202,7 +202,12 @@ def test_success_status_webhook_metrics_and_no_leak(control_plane, mail_stack, o
     assert row.split()[1] == "true"
 
     # a second run follows on the schedule; the history grows and the metrics count it
-    wait_until(lambda: len(status(cp, ns).get("history") or []) >= 2, 10 + 10, "the second scheduled check", diag=d)
+    history = wait_until(lambda: len(h := status(cp, ns).get("history") or []) >= 2 and h, 10 + 10,
+                         "the second scheduled check", diag=d)
+    # its Job was told the reception times known when it was launched (oldest first), to plan detection
+    second = get(cp, ns, "job", history[0]["job"])["spec"]["template"]["spec"]["containers"][0]["env"]
+    known = [f"{e['receptionTime']:g}" for e in reversed(history[1:]) if e["success"]]
+    assert {"name": "MESSAGES_SELFCHECK_IMAP_EXPECTED_ARRIVAL", "value": ",".join(known)} in second, second
     text = operator.metrics()
     assert f'mail_selfcheck_success{{name="demo",namespace="{ns}"}} 1.0' in text
     assert f'mail_selfcheck_checks_total{{error_class="",name="demo",namespace="{ns}",outcome="success"}}' in text

@@ -12,6 +12,7 @@ from mail_selfcheck.controller.jobs import (
     UNSCHEDULABLE,
     Outcome,
     blocked_pod,
+    expected_arrival,
     job_manifest,
     jobs_to_delete,
     outcome_from,
@@ -87,6 +88,32 @@ def test_env_names_are_the_probe_settings():
     known = {f"MESSAGES_SELFCHECK_{name.upper()}" for name in ProbeSettings.model_fields} | {
         "MESSAGES_SELFCHECK_FROM", "MESSAGES_SELFCHECK_TO"}
     assert {e["name"] for e in env} <= known
+
+
+def _env(job) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+def test_recent_reception_times_reach_the_probe_as_its_expected_arrival():
+    """The newest 10 successful reception times of the watched folder, oldest first; a probe
+    with those settings accepts them (one vocabulary)."""
+    history = [{"job": "j-new", "success": True, "receptionTime": 5.2, "folder": "INBOX"},
+               {"job": "j-failed", "success": False, "errorClass": "timeout"},
+               {"job": "j-junk", "success": False, "receptionTime": 4.0, "folder": "Junk"},
+               {"job": "j-other", "success": True, "receptionTime": 0.3, "folder": "Archive"},  # before a spec change
+               {"job": "j-old", "success": True, "receptionTime": 4.75}]  # recorded before folders were
+    history += [{"job": f"j{i}", "success": True, "receptionTime": 6.0 + i} for i in range(12)]
+    recent = expected_arrival(history, "INBOX")
+    assert recent == [13.0, 12.0, 11.0, 10.0, 9.0, 8.0, 7.0, 6.0, 4.75, 5.2]
+    spec = MailSelfcheckSpec.model_validate(SPEC)
+    job = job_manifest(name="demo-1", namespace="ns", owner_name="demo", owner_uid="uid-1", spec=spec, slot=SLOT,
+                       recent=recent)
+    value = _env(job)["MESSAGES_SELFCHECK_IMAP_EXPECTED_ARRIVAL"]
+    assert value == "13,12,11,10,9,8,7,6,4.75,5.2"
+    probe = ProbeSettings.model_construct(imap_expected_arrival=value)
+    assert ProbeSettings._expected_arrival(value) == value and probe.imap_expected_arrivals == recent
+    assert "MESSAGES_SELFCHECK_IMAP_EXPECTED_ARRIVAL" not in _env(manifest())  # no history: no variable
+    assert expected_arrival(None, "INBOX") == [] and expected_arrival(history[:3], "INBOX") == [5.2]
 
 
 def _job(conditions, name="demo-1", created="2025-01-01T12:00:00Z"):

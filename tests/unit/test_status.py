@@ -57,6 +57,14 @@ def test_history_is_bounded():
     assert len(status["history"]) == 10 and status["history"][0]["job"] == "j24"
 
 
+def test_history_records_the_folder_for_the_next_checks_plan():
+    """The controller plans a probe's detection from history entries of the watched folder."""
+    status, _, _ = harvest({}, Outcome(success=True, send_time=0.2, reception_time=4.2, folder="INBOX"))
+    assert status["history"][0]["folder"] == "INBOX" and status["history"][0]["receptionTime"] == 4.2
+    status, _, _ = harvest({}, OK)
+    assert "folder" not in status["history"][0]
+
+
 def test_pending_condition_only_before_any():
     assert pending_condition({}, generation=1, now=T0)["status"]["conditions"][0]["status"] == "Unknown"
     assert pending_condition({"conditions": [{"type": "Ready"}]}, generation=1, now=T0) is None

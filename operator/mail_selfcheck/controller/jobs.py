@@ -99,11 +99,37 @@ def _secret(name: str, ref: Any) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}}
 
 
-def probe_env(spec: MailSelfcheckSpec) -> list[dict[str, Any]]:
+#: Successful reception times passed to a probe to plan its arrival detection.
+EXPECTED_ARRIVAL_SAMPLES = 10
+
+
+def expected_arrival(history: list[dict[str, Any]] | None, folder: str) -> list[float]:
+    """Reception times (seconds) of the newest :data:`EXPECTED_ARRIVAL_SAMPLES` successful
+    checks in ``status.history`` (newest first, as the status holds it), oldest first.
+
+    Entries that record a ``folder`` other than ``folder`` (the spec's watched folder) are
+    left out: a message found elsewhere says nothing about delivery to this one. Entries
+    without ``receptionTime`` (failures) are skipped."""
+    times = []
+    for entry in history or []:
+        seconds = entry.get("receptionTime")
+        if not entry.get("success") or not isinstance(seconds, (int, float)) or seconds < 0:
+            continue
+        if entry.get("folder") not in (None, folder):
+            continue
+        times.append(float(seconds))
+        if len(times) == EXPECTED_ARRIVAL_SAMPLES:
+            break
+    return times[::-1]
+
+
+def probe_env(spec: MailSelfcheckSpec, recent: list[float] | tuple[float, ...] = ()) -> list[dict[str, Any]]:
     """The probe's ``MESSAGES_SELFCHECK_*`` environment for ``spec`` (``core/v1 EnvVar`` list).
 
     Names come from :func:`mail_selfcheck.models.settings.env_name` (one vocabulary with the
-    probe). Confidential values are Secret references only.
+    probe). Confidential values are Secret references only. ``recent``: reception times in
+    seconds (:func:`expected_arrival`), passed as ``MESSAGES_SELFCHECK_IMAP_EXPECTED_ARRIVAL``
+    (comma-separated) when not empty.
     """
     env = [
         _value(env_name("from_address"), spec.from_address),
@@ -125,6 +151,8 @@ def probe_env(spec: MailSelfcheckSpec) -> list[dict[str, Any]]:
         env.append(_value(env_name("imap_auth"), spec.imap.auth))
     if spec.imap.junk_folders:
         env.append(_value(env_name("imap_junk_folders"), ",".join(spec.imap.junk_folders)))
+    if recent:
+        env.append(_value(env_name("imap_expected_arrival"), ",".join(f"{t:g}" for t in recent)))
     for side in (spec.smtp, spec.imap):
         if side.oauth2_refresh_token_ref:
             prefix = "smtp" if side is spec.smtp else "imap"
@@ -187,9 +215,17 @@ def instance_label(resource_name: str) -> str:
 
 
 def job_manifest(
-    *, name: str, namespace: str, owner_name: str, owner_uid: str, spec: MailSelfcheckSpec, slot: dt.datetime
+    *,
+    name: str,
+    namespace: str,
+    owner_name: str,
+    owner_uid: str,
+    spec: MailSelfcheckSpec,
+    slot: dt.datetime,
+    recent: list[float] | tuple[float, ...] = (),
 ) -> dict[str, Any]:
-    """The batch/v1 Job for one check of the MailSelfcheck ``owner_name`` at ``slot``.
+    """The batch/v1 Job for one check of the MailSelfcheck ``owner_name`` at ``slot``;
+    ``recent``: reception times (seconds) for the probe's detection plan (:func:`probe_env`).
 
     Returns a dict ready for ``BatchV1Api.create_namespaced_job``.
     """
@@ -205,7 +241,7 @@ def job_manifest(
         "name": CONTAINER,
         "image": (job.image if job and job.image else DEFAULT_IMAGE),
         "command": list(job.command) if job and job.command else list(DEFAULT_COMMAND),
-        "env": probe_env(spec),
+        "env": probe_env(spec, recent),
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {
@@ -290,6 +326,8 @@ class Outcome:
     #: {kind, signal, sent, error}
     webhook: dict[str, Any] | None = None
     auth_warning: str | None = None
+    #: the folder the message was found in (the watched one on success)
+    folder: str | None = None
 
     @classmethod
     def from_result(cls, result: ProbeResult) -> "Outcome":
@@ -305,6 +343,7 @@ class Outcome:
             tls={k: v.model_dump() for k, v in result.tls.items()} if result.tls else None,
             webhook=result.webhook.model_dump() if result.webhook else None,
             auth_warning=result.auth_warning,
+            folder=result.folder,
         )
 
     @classmethod

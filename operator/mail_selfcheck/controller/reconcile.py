@@ -33,8 +33,8 @@ from pydantic import ValidationError
 from ..models.spec import GROUP, PLURAL, VERSION, MailSelfcheckSpec
 from . import jobs as jobs_mod
 from .jobs import (
-    JobNameConflict, JobsApi, Outcome, api_refusal, call_json, job_finished, job_manifest, jobs_to_delete,
-    outcome_from,
+    JobNameConflict, JobsApi, Outcome, api_refusal, call_json, expected_arrival, job_finished, job_manifest,
+    jobs_to_delete, outcome_from,
 )
 from .metrics import Metrics
 from .schedule import decide, format_time, job_name, parse_time, skipped_slots
@@ -340,7 +340,8 @@ class Selfcheck:
         """Create the slot's Job (409 = already launched) and record it as active."""
         name = job_name(self.name, self.uid, slot)
         manifest = job_manifest(
-            name=name, namespace=self.namespace, owner_name=self.name, owner_uid=self.uid, spec=spec, slot=slot
+            name=name, namespace=self.namespace, owner_name=self.name, owner_uid=self.uid, spec=spec, slot=slot,
+            recent=expected_arrival(self.status.get("history"), spec.imap.folder),
         )
         job, created = await self.shared.jobs.create(manifest)
         if self._jobs is not None:

@@ -99,6 +99,7 @@ def harvest_patch(
         "errorClass": outcome.error_class,
         "sendTime": outcome.send_time,
         "receptionTime": outcome.reception_time,
+        "folder": outcome.folder,
     }
     entry = {k: v for k, v in entry.items() if v is not None}
     history = [entry] + [h for h in status.get("history") or [] if h.get("job") != job_name]

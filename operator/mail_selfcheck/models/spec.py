@@ -486,6 +486,9 @@ class HistoryEntry(_Model):
     error_class: str | None = Field(None, description="Machine-readable class of the failure, e.g. timeout, junk, job_config.")
     send_time: float | None = Field(None, description="Seconds from SMTP connect to the final 250 reply.")
     reception_time: float | None = Field(None, description="Seconds from the 250 reply to the message seen over IMAP.")
+    folder: str | None = Field(
+        None, description="IMAP folder the message was found in: the watched one on success, a junk folder for errorClass junk."
+    )
 
 
 class Condition(_Model):
