@@ -74,3 +74,8 @@ def test_levels_quiet_and_verbose(capsys) -> None:
     eventlog.configure()
     events = [line.split()[2] for line in capsys.readouterr().err.splitlines()]
     assert events == ["shown", "shown_too"]
+
+
+def test_python_dash_m_runs_the_command() -> None:
+    proc = subprocess.run([sys.executable, "-m", "mail_selfcheck", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.startswith("mail-selfcheck ")
