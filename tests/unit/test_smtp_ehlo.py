@@ -3,38 +3,16 @@
 from __future__ import annotations
 
 import socket
-import threading
 
 import pytest
 from pydantic import ValidationError
 
 from mail_selfcheck.models.settings import ProbeSettings, describe_errors
 from mail_selfcheck.probe import smtp
+from tests.harness.smtpstub import SmtpStub
 
 BASE = dict(from_address="probe@mail.example.test", to_address="b@example.test", secret="s", smtp_security="plain",
             imap_password="q", smtp_host="127.0.0.1")
-
-
-class _Greeter:
-    """A loopback SMTP server that greets, records the EHLO line and answers 250 / 221."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.lines: list[str] = []
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        conn, _ = self.sock.accept()
-        with conn, conn.makefile("rb") as rfile:
-            conn.sendall(b"220 test ESMTP\r\n")
-            for raw in rfile:
-                line = raw.decode().strip()
-                self.lines.append(line)
-                if line.upper().startswith("QUIT"):
-                    conn.sendall(b"221 bye\r\n")
-                    return
-                conn.sendall(b"250 ok\r\n")
 
 
 @pytest.fixture
@@ -49,7 +27,7 @@ def no_fqdn(monkeypatch):
                                                  ({"smtp_ehlo_name": "probe-1.example.net"}, "probe-1.example.net"),
                                                  ({"smtp_ehlo_name": "[192.0.2.7]"}, "[192.0.2.7]")])
 def test_ehlo_names_the_from_domain_or_the_setting_without_dns(no_fqdn, extra, expected) -> None:
-    server = _Greeter()
+    server = SmtpStub()
     settings = ProbeSettings(**BASE, smtp_port=server.port, **extra)
     client = smtp._connect(settings, 5.0)
     client.ehlo()

@@ -71,7 +71,7 @@ def run_probe(settings: ProbeSettings) -> ProbeResult:
         timings.update(sent.timings)
         tls["smtp"] = sent.tls
         log.debug("message_sent", send_time=sent.send_time, attempts=sent.attempts, reply=sent.reply, nonce=nonce[:8])
-        found = mailbox.wait_for(nonce, deadline)
+        found = mailbox.wait_for(nonce, deadline, since=sent.sent_at)
         fields["folder"] = found.folder
         waited = found.seen_at - sent.sent_at
         if found.folder != mailbox.folder:

@@ -27,8 +27,10 @@ from .tls import client_context, facts
 class SendOutcome:
     """``send_time``: seconds from opening the first connection to the final 250 reply to
     DATA (TLS handshake, AUTH and any 4xx retries included); ``reply``: that final reply;
-    ``attempts``: number of transactions tried; ``sent_at``: ``time.monotonic()`` of the 250;
-    ``sent_at_epoch``: the same moment as Unix epoch seconds."""
+    ``attempts``: number of transactions tried; ``sent_at``: ``time.monotonic()`` when the 250
+    reply to DATA was read (inside the transaction: QUIT's round trip is neither in
+    ``send_time`` nor in the reception time counted from here); ``sent_at_epoch``: the same
+    moment as Unix epoch seconds."""
 
     send_time: float
     reply: str
@@ -144,6 +146,7 @@ def _transaction(settings: ProbeSettings, message: SentMessage, deadline: float,
             _check(code, text, f"{step}:<{args[0]}>", server)
         code, text = smtp.data(message.raw)
         _check(code, text, "DATA", server)
+        session["sent_at"] = (time.monotonic(), time.time())  # the 250, before QUIT's round trip
         lap("smtp_transaction")
         return _reply(code, text)
     except smtplib.SMTPServerDisconnected as exc:
@@ -259,7 +262,7 @@ def send(settings: ProbeSettings, message: SentMessage, deadline: float) -> Send
                     smtp_reply=deferred.reply,
                 ) from None
             time.sleep(pause)
-    sent_at, sent_at_epoch = time.monotonic(), time.time()
+    sent_at, sent_at_epoch = session["sent_at"]
     return SendOutcome(send_time=sent_at - started, reply=reply, attempts=attempts, sent_at=sent_at,
                        sent_at_epoch=sent_at_epoch, timings=session.get("timings") or {}, tls=session.get("tls"))
 

@@ -2,7 +2,7 @@
 
 Sources: RFC 3501 (NOOP 6.1.2: the server reports new mail as an untagged ``* n EXISTS``
 in any command's response; UID SEARCH 6.4.4), RFC 2177 (IDLE). All durations are seconds;
-elapsed times are counted from the SMTP submission's final reply (the start of detection).
+elapsed times are counted from the SMTP submission's 250 reply to DATA (before QUIT).
 
 * ``adaptive`` (default) follows a :class:`Plan`:
 
@@ -254,13 +254,15 @@ def _check_junk(box: "Mailbox", nonce: str, every_uid: bool = False) -> "Found |
     return None
 
 
-def wait_for(box: "Mailbox", nonce: str, deadline: float) -> "Found":
+def wait_for(box: "Mailbox", nonce: str, deadline: float, since: float | None = None) -> "Found":
     """Wait until the message whose token header contains ``nonce`` is in the folder.
 
     Args:
         box: an open :class:`~.session.Mailbox`.
         nonce: the token's random part (searched as a substring of the token header).
         deadline: ``time.monotonic()`` value at which to give up.
+        since: ``time.monotonic()`` of the submission's 250 reply, from which the plan's
+            times and the remembered reception time count (default: now).
 
     Returns:
         Where the message was seen and ``seen_at``: the ``time.monotonic()`` moment the
@@ -271,7 +273,7 @@ def wait_for(box: "Mailbox", nonce: str, deadline: float) -> "Found":
         ProbeFailure: ``timeout`` (not received; the message says within how many seconds),
             ``imap_connect`` / ``imap_tls`` when the session breaks and cannot be reopened.
     """
-    start = time.monotonic()
+    start = time.monotonic() if since is None else min(since, time.monotonic())
     w = _Watch(box, box.settings.imap_detection, start)
     while True:
         try:

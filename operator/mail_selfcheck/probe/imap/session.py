@@ -379,10 +379,11 @@ class Mailbox:
         self._drop()
 
     # -- the run's steps ---------------------------------------------------------------------
-    def wait_for(self, nonce: str, deadline: float) -> Found:
+    def wait_for(self, nonce: str, deadline: float, since: float | None = None) -> Found:
         """Wait until the message whose token header contains ``nonce`` is in the folder
-        (or in Junk); see :func:`.detect.wait_for`."""
-        return _detect.wait_for(self, nonce, deadline)
+        (or in Junk); ``since``: ``time.monotonic()`` of the submission's 250 reply (default:
+        now); see :func:`.detect.wait_for`."""
+        return _detect.wait_for(self, nonce, deadline, since)
 
     def fetch(self, found: Found, deadline: float | None = None, nonce: str = "") -> bytes:
         """The full message (``BODY.PEEK[]``, RFC 3501 6.4.5); see :func:`.detect.fetch`."""
