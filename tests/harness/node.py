@@ -492,11 +492,16 @@ class Node:
         except OSError:
             return "(no log)"
 
-    def logs(self, lines: int = 40) -> str:
+    def logs(self, lines: int = 40, first: str | None = None) -> str:
+        """Tails of the component logs; ``first`` (the component that failed) leads, with
+        twice as many lines."""
         names = ["containerd", "kubelet", "kube-scheduler", "forward"] + [
             f"forward-{i}" for i in range(1, self._forwarders + 1)]
-        return "\n".join(f"--- {n}.log (tail) ---\n{self._tail(n, lines)}" for n in names
-                         if self._logpath(n).exists())
+        if first in names:
+            names.remove(first)
+            names.insert(0, first)
+        return "\n".join(f"--- {n}.log (tail) ---\n{self._tail(n, lines * (2 if n == first else 1))}"
+                         for n in names if self._logpath(n).exists())
 
     def _run(self, argv: list[str], what: str, ns: bool = False, mnt: bool = False,
              check: bool = True, timeout: float = 120, input: str | None = None
@@ -536,7 +541,7 @@ class Node:
         for name, proc in self.procs.items():
             if proc.poll() is not None:
                 raise NodeError(f"{name} exited with {proc.returncode} during start-up:\n"
-                                f"{self.logs()}")
+                                f"{self.logs(first=name)}")
 
     def _wait(self, what: str, predicate, timeout: float | None = None) -> None:
         end = time.monotonic() + (timeout or self.start_timeout)
@@ -758,6 +763,7 @@ class Node:
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         SystemdCgroup = false
         BinaryName = "{shutil.which('runc')}"
+        Root = "{self.run_dir / 'runc'}"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "{CNI_BIN_DIR}"
     conf_dir = "{netd}"
@@ -870,7 +876,7 @@ class Node:
         _kill_ns_procs(self.netns, self._net_inode, "net")
         for name in list(self.procs):
             terminate(self.procs.pop(name), timeout=5)
-        _release(self.mntns, self.netns, self.cgroup_root)
+        _release(self.mntns, self.netns, self.cgroup_root, self.run_dir)
         _registry_file(self.id).unlink(missing_ok=True)
 
     def _register(self) -> None:
@@ -981,22 +987,27 @@ def _shim_socket(pid: int) -> list[str]:
     return [f"/run/containerd/s/{hashlib.sha256(key).hexdigest()}"]
 
 
-def _remove_runc_state(cgroup_root: str) -> None:
-    """runc state dirs (``--root /run/containerd/runc/k8s.io``) of this node's containers,
-    recognised by their cgroup path, when their shim died without deleting them."""
-    base = Path("/run/containerd/runc/k8s.io")
-    if not base.is_dir():
-        return
-    for d in base.iterdir():
-        with contextlib.suppress(OSError, ValueError):
-            state = json.loads((d / "state.json").read_text())
-            paths = state.get("cgroup_paths") or {}
-            if any(cgroup_root + "/" in p for p in paths.values()):
-                shutil.rmtree(d)
+#: What the kubelet and CNI write outside the node's run dir, named by container/sandbox ID.
+CNI_CACHE = Path("/var/lib/cni/results")  # libcni's cache (containerd 1.6 cannot move it)
+CONTAINER_LOG_LINKS = Path("/var/log/containers")  # the kubelet's fixed symlink dir
 
 
-def _release(mntns: Path, netns: Path, cgroup_root: str) -> None:
-    _remove_runc_state(cgroup_root)
+def _forget_host_state(run_dir: Path) -> None:
+    """Remove what this node left in the host's shared directories: its sandboxes' CNI
+    cache entries and its containers' log symlinks (found by the IDs in its own containerd
+    root, so another node's entries are never touched)."""
+    cri = run_dir / "containerd" / "root" / "io.containerd.grpc.v1.cri"
+    ids = [d.name for kind in ("sandboxes", "containers") if (cri / kind).is_dir()
+           for d in (cri / kind).iterdir()]
+    for cid in ids:
+        for f in [*CNI_CACHE.glob(f"*-{cid}-*"), *CONTAINER_LOG_LINKS.glob(f"*-{cid}.log")]:
+            with contextlib.suppress(OSError):
+                if f.is_symlink() or f.parent == CNI_CACHE:
+                    f.unlink()
+
+
+def _release(mntns: Path, netns: Path, cgroup_root: str, run_dir: Path) -> None:
+    _forget_host_state(run_dir)
     for f in (mntns, netns):
         if f.exists():
             subprocess.run(["umount", "-l", str(f)], capture_output=True)
@@ -1030,7 +1041,7 @@ def cleanup_stale() -> int:
         _kill_cgroup_procs(st["cgroup_root"])
         _kill_ns_procs(Path(st["mntns"]), st.get("mnt_inode"), "mnt")
         _kill_ns_procs(Path(st["netns"]), st.get("net_inode"), "net")
-        _release(Path(st["mntns"]), Path(st["netns"]), st["cgroup_root"])
+        _release(Path(st["mntns"]), Path(st["netns"]), st["cgroup_root"], Path(st["run_dir"]))
         f.unlink(missing_ok=True)
         n += 1
     return n

@@ -43,11 +43,14 @@ from tests.harness.node_operator import (  # noqa: F401 (pod_env: the fixtures' 
 @pytest.fixture(scope="session")
 def node_cluster(tmp_path_factory: pytest.TempPathFactory):
     t0 = time.monotonic()
+    error = None
     try:
         binaries = cpmod.build_all()
         node_binaries = nodemod.build_node()
     except (cpmod.BuildError, nodemod.NodeError) as e:
-        pytest.fail(f"building the node failed: {e}", pytrace=False)
+        error = f"building the node failed: {e}"
+    if error:  # outside the except: the log is shown once, not again as a chained exception
+        pytest.fail(error, pytrace=False)
     t_build = time.monotonic() - t0
     run = tmp_path_factory.mktemp("nodecluster")
     cp = cpmod.ControlPlane(binaries, run / "cp", node_agent=False)
@@ -55,7 +58,9 @@ def node_cluster(tmp_path_factory: pytest.TempPathFactory):
     try:
         nodemod.start_cluster(cp, node)
     except (cpmod.ControlPlaneError, nodemod.NodeError) as e:
-        pytest.fail(f"the real node failed to start: {e}", pytrace=False)
+        error = f"the real node failed to start: {e}"
+    if error:
+        pytest.fail(error, pytrace=False)
     print(f"\nnode cluster: build/find {t_build:.0f}s, start "
           f"{time.monotonic() - t0 - t_build:.0f}s ({node.timings})")
     try:

@@ -7,6 +7,7 @@ in a network namespace with no route out) and tests/harness/node_fixtures.py for
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,24 @@ def test_a_node_that_cannot_start_fails_with_the_component_log(node_cluster, tmp
     assert not nodemod._registry_file(node.id).exists()
     assert not nodemod._cgroup_dirs(node.cgroup_root)
     assert not any(f.is_mount() for f in (node.netns, node.mntns) if f.exists())
+
+
+def test_everything_the_node_writes_is_its_own(node_cluster):
+    """Two nodes may run at once (the tests and `make demo`, two test runs): every path in
+    the node's containerd and kubelet configuration is under its own run dir, its cgroup
+    root and registry entry carry its own id. (tests/node/test_demo_on_node.py runs a
+    second node beside this one.)"""
+    node = node_cluster.node
+    run = str(node.run_dir)
+    cfg = (node.cd_dir / "config.toml").read_text()
+    paths = re.findall(r'(?m)^\s*(?:root|state|address|path|netns_mounts_under|Root|conf_dir)'
+                       r'\s*=\s*"(/[^"]+)"', cfg)
+    assert len(paths) >= 8, cfg
+    assert [p for p in paths if not p.startswith(run + "/")] == [], cfg
+    ipam = json.loads((node.run_dir / "cni" / "net.d" / "10-mail-selfcheck.conflist").read_text())
+    assert ipam["plugins"][0]["ipam"]["dataDir"].startswith(run + "/")
+    kubelet = json.loads((node.run_dir / "kubelet" / "config.yaml").read_text())
+    for key in ("resolvConf", "podLogsDir"):
+        assert kubelet[key].startswith(run + "/"), (key, kubelet[key])
+    assert node.id in kubelet["cgroupRoot"] and node.id in nodemod._registry_file(node.id).name
+    assert node.netns.is_relative_to(node.run_dir) and node.cd_sock.is_relative_to(node.run_dir)
