@@ -3,7 +3,7 @@
 Security modes: ``starttls`` (RFC 3207; AUTH is never sent if the server does not offer
 STARTTLS), ``tls`` (implicit TLS, RFC 8314 3.3) and ``plain`` (no TLS; lab stacks only).
 Transient failures (4xx replies, RFC 5321 4.2.1, e.g. greylisting) are retried with
-exponential backoff (1, 2, 4, ... 30 s) while the time budget lasts; permanent failures (5xx)
+exponential backoff (1, 2, 4, ... 30 s; tenacity, imported on the first 4xx only) while the time budget lasts; permanent failures (5xx)
 stop at once. EHLO names the FROM domain (or ``MESSAGES_SELFCHECK_SMTP_EHLO_NAME``), never
 ``socket.getfqdn()``, smtplib's default, which costs a DNS lookup on hosts whose name is not in
 /etc/hosts.
@@ -232,6 +232,46 @@ def _check(code: int, text: bytes | str, step: str, server: str) -> None:
 RETRY_MAX_WAIT = 30.0
 
 
+def _deferred_failure(settings: ProbeSettings, attempts: int, reply: str) -> ProbeFailure:
+    return ProbeFailure(
+        "smtp_deferred",
+        f"SMTP server {_server(settings)} deferred the message ({attempts} attempts) until the time budget "
+        f"ran out: {reply}",
+        smtp_reply=reply,
+    )
+
+
+def _retry_later(
+    settings: ProbeSettings, message: SentMessage, deadline: float, session: dict, first: "_Deferred"
+) -> tuple[str, int]:
+    """Attempts 2, 3, ... after a 4xx reply (RFC 5321 4.2.1, e.g. greylisting): pauses of 1, 2,
+    4 ... :data:`RETRY_MAX_WAIT` seconds (tenacity), no attempt starting past ``deadline``.
+    tenacity is imported here only: most runs never meet a 4xx, and its import costs ~40 ms.
+
+    Returns ``(reply, attempts)``; raises ``ProbeFailure`` ``smtp_deferred`` with the last reply."""
+    if time.monotonic() + 1.0 >= deadline:
+        raise _deferred_failure(settings, 1, first.reply)
+    from tenacity import RetryError, Retrying, retry_if_exception_type, stop_before_delay, wait_exponential
+
+    time.sleep(1.0)  # the pause after attempt 1; tenacity paces the rest
+    retrying = Retrying(
+        retry=retry_if_exception_type(_Deferred),
+        wait=wait_exponential(multiplier=2, max=RETRY_MAX_WAIT),  # 2, 4, 8 ... after attempts 2, 3, 4 ...
+        stop=stop_before_delay(max(0.0, deadline - time.monotonic())),
+        reraise=False,
+    )
+    attempts = 1
+    try:
+        for attempt in retrying:
+            with attempt:
+                attempts += 1
+                reply = _transaction(settings, message, deadline, session)
+    except RetryError as exc:
+        last = exc.last_attempt.exception()
+        raise _deferred_failure(settings, attempts, getattr(last, "reply", str(last))) from None
+    return reply, attempts
+
+
 def send(settings: ProbeSettings, message: SentMessage, deadline: float) -> SendOutcome:
     """Submit ``message`` from ``settings.from_address`` to ``settings.to_address``.
 
@@ -245,23 +285,11 @@ def send(settings: ProbeSettings, message: SentMessage, deadline: float) -> Send
             budget ran out, with the last reply).
     """
     started = time.monotonic()
-    attempts = 0
     session: dict = {}
-    while True:
-        attempts += 1
-        try:
-            reply = _transaction(settings, message, deadline, session)
-            break
-        except _Deferred as deferred:
-            pause = min(RETRY_MAX_WAIT, 2.0 ** (attempts - 1))
-            if time.monotonic() + pause >= deadline:  # the next attempt would start past the deadline
-                raise ProbeFailure(
-                    "smtp_deferred",
-                    f"SMTP server {_server(settings)} deferred the message ({attempts} attempts) until the time budget "
-                    f"ran out: {deferred.reply}",
-                    smtp_reply=deferred.reply,
-                ) from None
-            time.sleep(pause)
+    try:
+        reply, attempts = _transaction(settings, message, deadline, session), 1
+    except _Deferred as first:
+        reply, attempts = _retry_later(settings, message, deadline, session, first)
     sent_at, sent_at_epoch = session["sent_at"]
     return SendOutcome(send_time=sent_at - started, reply=reply, attempts=attempts, sent_at=sent_at,
                        sent_at_epoch=sent_at_epoch, timings=session.get("timings") or {}, tls=session.get("tls"))
