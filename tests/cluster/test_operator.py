@@ -189,6 +189,7 @@ def test_success_status_webhook_metrics_and_no_leak(control_plane, mail_stack, o
     st = wait_until(lambda: (s := status(cp, ns)).get("success") is True and s, 2 * 10 + 10,
                     "a successful check within two intervals", diag=d)
     assert st["sendTime"] > 0 and st["receptionTime"] > 0 and st["consecutiveFailures"] == 0
+    assert st["imapCommands"] > 0 and st["imapSessionSeconds"] > 0, st  # the check's IMAP load
     assert ready(st)["status"] == "True" and ready(st)["observedGeneration"] == 1
     job = get(cp, ns, "job", st["lastHarvestedJob"])
     assert any(c["type"] == "Complete" and c["status"] == "True" for c in job["status"]["conditions"])
@@ -212,6 +213,7 @@ def test_success_status_webhook_metrics_and_no_leak(control_plane, mail_stack, o
     assert f'mail_selfcheck_success{{name="demo",namespace="{ns}"}} 1.0' in text
     assert f'mail_selfcheck_checks_total{{error_class="",name="demo",namespace="{ns}",outcome="success"}}' in text
     assert "mail_selfcheck_reception_time_seconds_bucket" in text
+    assert f'mail_selfcheck_imap_commands{{name="demo",namespace="{ns}"}} ' in text
     assert f'mail_selfcheck_interval_seconds{{name="demo",namespace="{ns}"}} ' in text
     assert "_created" not in text
     assert [e["reason"] for e in events(cp, ns)] == ["CheckSucceeded"], "Events on transitions only"

@@ -105,6 +105,8 @@ def test_late_delivery_with_expected_arrival_costs_at_most_30_commands(matrix_se
             result = _cli(env)
         _assert_timed_at_announcement(result, release)
         assert proxy.command_count() <= 30, (proxy.command_names(), proxy.commands)
+        assert result["imap_commands"] == proxy.command_count()  # the run counts its own load
+        assert 3.0 < result["imap_session_seconds"] <= result["duration"], result
         assert proxy.command_names().get("IDLE", 0) <= 2, proxy.command_names()
 
 
@@ -188,6 +190,7 @@ def test_a_check_asks_nothing_twice(mail_stack) -> None:
     assert result["success"] is True and result["cleanup_warning"] is None, result
     names = proxy.command_names()
     assert "CAPABILITY" not in names, proxy.commands
+    assert result["imap_commands"] == proxy.command_count(), proxy.commands
     selects = [c.split(b" ", 1)[1] for c in proxy.commands if b" SELECT " in c]
     assert selects == [b'SELECT "INBOX"', b'SELECT "Junk"'], proxy.commands
     assert mail_stack.messages("receiver") == []

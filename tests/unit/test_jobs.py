@@ -135,6 +135,9 @@ def test_outcome_from_termination_message():
     failed = {"success": False, "error": "SMTP 535 authentication failed", "error_class": "smtp_rejected"}
     out = outcome_from(_job([("Complete", {})]), [_pod(json.dumps(failed))])
     assert (out.success, out.error, out.error_class) == (False, "SMTP 535 authentication failed", "smtp_rejected")
+    loaded = {**RESULT, "folder": "INBOX", "imap_commands": 21, "imap_session_seconds": 1.62}
+    out = outcome_from(_job([("Complete", {})]), [_pod(json.dumps(loaded))])
+    assert (out.folder, out.imap_commands, out.imap_session_seconds) == ("INBOX", 21, 1.62)
 
 
 def test_result_found_in_log_fallback():

@@ -68,3 +68,19 @@ def test_certificate_expiry_step_histogram_and_webhook_failures():
     assert 'endpoint="smtp"' not in _text(m), "an endpoint without TLS this time loses its expiry"
     m.forget("ns", "a")
     assert 'name="a"' not in _text(m)
+
+
+def test_imap_load_of_the_last_check_restored_and_forgotten():
+    m = Metrics(CollectorRegistry())
+    m.observe_details("ns", "a", timings=None, tls=None, webhook_failed=False, imap_commands=21,
+                      imap_session_seconds=5.25)
+    text = _text(m)
+    assert 'mail_selfcheck_imap_commands{name="a",namespace="ns"} 21.0' in text
+    assert 'mail_selfcheck_imap_session_seconds{name="a",namespace="ns"} 5.25' in text
+    m.observe_details("ns", "a", timings=None, tls=None, webhook_failed=False)  # no IMAP session this time
+    assert "mail_selfcheck_imap_commands{" not in _text(m), "no stale load"
+    m.restore("ns", "a", success=True, consecutive_failures=0, last_success=5.0, imap_commands=19,
+              imap_session_seconds=0.05)
+    assert 'mail_selfcheck_imap_commands{name="a",namespace="ns"} 19.0' in _text(m)
+    m.forget("ns", "a")
+    assert 'name="a"' not in _text(m)

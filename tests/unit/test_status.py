@@ -65,6 +65,14 @@ def test_history_records_the_folder_for_the_next_checks_plan():
     assert "folder" not in status["history"][0]
 
 
+def test_status_carries_the_imap_load_of_the_last_check():
+    status, _, _ = harvest({}, Outcome(success=True, send_time=0.2, reception_time=1.0, imap_commands=21,
+                                       imap_session_seconds=1.3))
+    assert (status["imapCommands"], status["imapSessionSeconds"]) == (21, 1.3)
+    status, patch, _ = harvest(status, BAD)  # a check that opened no IMAP session: no stale load
+    assert patch["status"]["imapCommands"] is None and "imapCommands" not in status
+
+
 def test_pending_condition_only_before_any():
     assert pending_condition({}, generation=1, now=T0)["status"]["conditions"][0]["status"] == "Unknown"
     assert pending_condition({"conditions": [{"type": "Ready"}]}, generation=1, now=T0) is None

@@ -328,6 +328,9 @@ class Outcome:
     auth_warning: str | None = None
     #: the folder the message was found in (the watched one on success)
     folder: str | None = None
+    #: the IMAP load of the check: commands sent, seconds connected
+    imap_commands: int | None = None
+    imap_session_seconds: float | None = None
 
     @classmethod
     def from_result(cls, result: ProbeResult) -> "Outcome":
@@ -344,6 +347,8 @@ class Outcome:
             webhook=result.webhook.model_dump() if result.webhook else None,
             auth_warning=result.auth_warning,
             folder=result.folder,
+            imap_commands=result.imap_commands,
+            imap_session_seconds=result.imap_session_seconds,
         )
 
     @classmethod

@@ -19,6 +19,9 @@ Series (times in seconds, timestamps in Unix seconds):
   ``probe_ssl_earliest_cert_expiry``); ``mail_selfcheck_step_duration_seconds{step}``: a
   histogram per step; ``mail_selfcheck_webhook_failures_total``: heartbeats not delivered;
 * ``mail_selfcheck_leftover_messages``: the probe's own messages the last check left (could not delete);
+* ``mail_selfcheck_imap_commands`` / ``mail_selfcheck_imap_session_seconds``: the IMAP load of the
+  last check (commands sent; seconds its sessions stayed open); absent when it opened no session;
+  restored from status after an operator restart;
 * ``mail_selfcheck_consecutive_failures``; ``mail_selfcheck_interval_seconds``;
   ``mail_selfcheck_suspended`` (1 while ``spec.suspend``: the alerts leave it alone).
 
@@ -113,6 +116,14 @@ class Metrics:
             "The probe's own messages the last check could not delete (absent when it could not look).", _LABELS,
             registry=registry,
         )
+        self.imap_commands = Gauge(
+            "mail_selfcheck_imap_commands", "IMAP commands the last check sent (absent: no IMAP session).", _LABELS,
+            registry=registry,
+        )
+        self.imap_session = Gauge(
+            "mail_selfcheck_imap_session_seconds", "Seconds the last check's IMAP sessions stayed open.", _LABELS,
+            registry=registry,
+        )
         self.suspended = Gauge(
             "mail_selfcheck_suspended", "1 while the MailSelfcheck is suspended (spec.suspend), else 0.", _LABELS,
             registry=registry,
@@ -146,7 +157,8 @@ class Metrics:
 
     def restore(self, namespace: str, name: str, *, success: bool | None, consecutive_failures: int,
                 last_success: float | None, send_time: float | None = None,
-                reception_time: float | None = None) -> None:
+                reception_time: float | None = None, imap_commands: int | None = None,
+                imap_session_seconds: float | None = None) -> None:
         """Re-publish the gauges from a resource's persisted status (after an operator restart)."""
         if success is not None:
             self.success.labels(namespace, name).set(1 if success else 0)
@@ -155,6 +167,11 @@ class Metrics:
             self.last_success.labels(namespace, name).set(last_success)
         self._set_or_clear(self.last_send, namespace, name, send_time)
         self._set_or_clear(self.last_reception, namespace, name, reception_time)
+        self._set_imap_load(namespace, name, imap_commands, imap_session_seconds)
+
+    def _set_imap_load(self, namespace: str, name: str, commands: int | None, seconds: float | None) -> None:
+        self._set_or_clear(self.imap_commands, namespace, name, commands)
+        self._set_or_clear(self.imap_session, namespace, name, seconds)
 
     @staticmethod
     def _set_or_clear(gauge: Gauge, namespace: str, name: str, value: float | None) -> None:
@@ -186,10 +203,13 @@ class Metrics:
         self.consecutive_failures.labels(namespace, name).set(consecutive_failures)
 
     def observe_details(self, namespace: str, name: str, *, timings: dict[str, float] | None,
-                        tls: dict[str, dict] | None, webhook_failed: bool) -> None:
+                        tls: dict[str, dict] | None, webhook_failed: bool, imap_commands: int | None = None,
+                        imap_session_seconds: float | None = None) -> None:
         """Record a check's step timings (seconds), TLS certificate expiry per endpoint (Unix
-        seconds; an endpoint without TLS facts this time loses its series) and a failed heartbeat."""
+        seconds; an endpoint without TLS facts this time loses its series), a failed heartbeat
+        and its IMAP load (commands; seconds connected; ``None`` removes the series)."""
         key = (namespace, name)
+        self._set_imap_load(namespace, name, imap_commands, imap_session_seconds)
         for step, seconds in (timings or {}).items():
             self.steps.labels(namespace, name, step).observe(seconds)
             self._steps_seen.setdefault(key, set()).add(step)
@@ -210,7 +230,7 @@ class Metrics:
         """Remove every series of the resource ``namespace/name``."""
         for metric in (self.success, self.last_send, self.last_reception, self.send, self.reception,
                        self.last_success, self.consecutive_failures, self.interval, self.suspended, self.created,
-                       self.leftovers):
+                       self.leftovers, self.imap_commands, self.imap_session):
             try:
                 metric.remove(namespace, name)
             except KeyError:

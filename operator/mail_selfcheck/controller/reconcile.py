@@ -224,6 +224,7 @@ class Selfcheck:
             consecutive_failures=int(st.get("consecutiveFailures") or 0),
             last_success=last_success.timestamp() if last_success else None,
             send_time=st.get("sendTime"), reception_time=st.get("receptionTime"),
+            imap_commands=st.get("imapCommands"), imap_session_seconds=st.get("imapSessionSeconds"),
         )  # fmt: skip
         patch = pending_condition(st, generation=self.body["metadata"].get("generation"), now=self.shared.clock())
         if patch:
@@ -422,6 +423,7 @@ class Selfcheck:
         self.shared.metrics.observe_details(
             self.namespace, self.name, timings=outcome.timings, tls=outcome.tls,
             webhook_failed=(outcome.webhook or {}).get("sent") is False,
+            imap_commands=outcome.imap_commands, imap_session_seconds=outcome.imap_session_seconds,
         )  # fmt: skip
         if event:
             kopf.event(self.body, type=event.type, reason=event.reason, message=event.message[:1000])

@@ -121,6 +121,8 @@ def harvest_patch(
             "leftoverCount": outcome.leftover_count,
             "cleanupWarning": outcome.cleanup_warning,
             "timings": outcome.timings,
+            "imapCommands": outcome.imap_commands,
+            "imapSessionSeconds": outcome.imap_session_seconds,
             "tls": _tls_status(outcome.tls),
             "webhook": _webhook_status(outcome.webhook),
             "authWarning": outcome.auth_warning,

@@ -110,6 +110,15 @@ class ProbeResult(BaseModel):
         description="Seconds per step: imap_connect (TCP+TLS), imap_login, smtp_connect, smtp_tls, smtp_auth, "
         "smtp_transaction (MAIL..DATA), first_sight, fetch_verify, cleanup.",
     )
+    imap_commands: int | None = Field(
+        default=None, ge=0,
+        description="IMAP commands the run sent (every tagged command of every session: login, detection, fetch, "
+        "cleanup, logout); None when no IMAP session was opened.",
+    )
+    imap_session_seconds: float | None = Field(
+        default=None, ge=0,
+        description="Seconds the run's IMAP sessions stayed open, from connecting to logout (summed over sessions).",
+    )
     tls: dict[str, TlsFacts] | None = Field(default=None, description="TLS facts per endpoint: smtp, imap.")
     webhook: WebhookOutcome | None = Field(default=None, description="The heartbeat's outcome, when one is configured.")
 

@@ -553,6 +553,13 @@ class MailSelfcheckStatus(_Model):
         description="Seconds per step of the last check: imap_connect, imap_login, smtp_connect, smtp_tls, smtp_auth, "
         "smtp_transaction, first_sight, fetch_verify, cleanup.",
     )
+    imap_commands: int | None = Field(
+        None, description="IMAP commands the last check sent (login, detection, fetch, cleanup, logout: its load on "
+        "the mailbox server)."
+    )
+    imap_session_seconds: float | None = Field(
+        None, description="Seconds the last check's IMAP sessions stayed open (connect to logout)."
+    )
     tls: dict[str, TlsStatus] | None = Field(None, description="TLS facts of the last check per endpoint (smtp, imap).")
     webhook: WebhookStatus | None = Field(None, description="The heartbeat of the last check, when one is configured.")
     auth_warning: str | None = Field(

@@ -117,6 +117,9 @@ def run_probe(settings: ProbeSettings) -> ProbeResult:
         fields["cleanup_warning"] = report.warning
         fields["leftover_count"] = report.leftover_count
         fields["timings"] = _ordered(timings)
+        if mailbox.commands:
+            fields["imap_commands"] = mailbox.commands
+            fields["imap_session_seconds"] = round(mailbox.session_seconds, 3)
         fields["tls"] = {side: value for side, value in tls.items() if value is not None} or None
     fields["duration"] = round(time.monotonic() - started, 3)
     secrets = settings.secret_values() + [token]
@@ -168,6 +171,9 @@ def _cleanup(
         finally:
             if box is not None:
                 box.close()
+            if box is not None and box is not mailbox:
+                mailbox.commands += box.commands  # the run's load includes the cleanup session
+                mailbox.session_seconds += box.session_seconds
     mailbox.close()
     if report.warning:
         log.warning("cleanup_incomplete", warning=report.warning, leftover_count=report.leftover_count)

@@ -68,7 +68,18 @@ class _GreetingCapabilities:
         super()._get_capabilities()
 
 
-class _PlainIMAP4(_GreetingCapabilities, IMAP4WithTimeout):
+class _Counted:
+    """Counts the commands sent on this connection (``commands``): every command gets a new
+    tag (RFC 3501 2.2.1), IMAPClient's raw commands too; ``DONE`` (IDLE's end) has none."""
+
+    commands = 0
+
+    def _new_tag(self):
+        self.commands += 1
+        return super()._new_tag()
+
+
+class _PlainIMAP4(_Counted, _GreetingCapabilities, IMAP4WithTimeout):
     """Plain TCP (then maybe STARTTLS); ``on_tcp()`` is called once the TCP connection is up,
     before the greeting (to tell a silent server from an unreachable one)."""
 
@@ -83,7 +94,7 @@ class _PlainIMAP4(_GreetingCapabilities, IMAP4WithTimeout):
         return sock
 
 
-class _TlsIMAP4(_GreetingCapabilities, IMAP4_TLS):
+class _TlsIMAP4(_Counted, _GreetingCapabilities, IMAP4_TLS):
     """Implicit TLS (RFC 8314 3.2)."""
 
 
@@ -104,6 +115,11 @@ class _Client(IMAPClient):
         if self.ssl:
             return _TlsIMAP4(self.host, self.port, self.ssl_context, timeout)
         return _PlainIMAP4(self.host, self.port, timeout, on_tcp=self._on_tcp)
+
+    @property
+    def commands(self) -> int:
+        """Commands sent on this connection so far."""
+        return getattr(self._imap, "commands", 0)
 
     def select_folder(self, folder, readonly=False):
         """IMAPClient's ``select_folder``, remembering what is selected."""
@@ -167,6 +183,11 @@ class Mailbox:
         self.timings: dict[str, float] = {}
         #: TLS facts of the first connection (None without TLS).
         self.tls: TlsFacts | None = None
+        #: Commands sent and seconds connected, over every session of this Mailbox so far
+        #: (a session counts once it is dropped or closed).
+        self.commands = 0
+        self.session_seconds = 0.0
+        self._opened_at = 0.0
 
     # -- connection --------------------------------------------------------------------------
     def fail_network(self, exc: BaseException, what: str) -> ProbeFailure:
@@ -199,6 +220,7 @@ class Mailbox:
             raise self._connect_failure(exc, greeting) from exc
         client.normalise_times = False  # keep INTERNALDATE timezone-aware
         self.client = client
+        self._opened_at = started
         self.arm(deadline)
         try:
             if s.imap_security == "starttls":
@@ -356,6 +378,8 @@ class Mailbox:
 
     def _drop(self) -> None:
         if self.client is not None:
+            self.commands += self.client.commands
+            self.session_seconds += time.monotonic() - self._opened_at
             try:
                 self.client.shutdown()
             except Exception:
@@ -372,8 +396,7 @@ class Mailbox:
             self.arm(time.monotonic() + COMMAND_TIMEOUT)
             if self.idling:
                 self.client.idle_done()
-            self.client.logout()
-            self.client = None
+            self.client.logout()  # closes the socket; _drop() counts the session and resets
         except Exception:
             pass
         self._drop()
