@@ -43,21 +43,38 @@ Mounts and sysctls
 
 Build (``python -m tests.harness.node build``, ``hack/build-node.sh``): kubelet and
 kube-scheduler from the ``k8s.io/kubernetes`` wrapper module (:func:`controlplane.build_kubernetes`),
-a static ``pause`` binary (Go) and its image, the app image (``hack/build-image.sh``), and
-``docker-archive`` exports of both images, all cached in ``$MAIL_SELFCHECK_CACHE``
+a static ``pause`` binary (Go) and its image, the app image (``hack/build-image.sh``),
+``docker-archive`` exports of both images and a containerd root holding both, imported and
+unpacked (:func:`image_root`), all cached in ``$MAIL_SELFCHECK_CACHE``
 (``~/.cache/mail-selfcheck``): ``k8s-node-v1.35.4/``, ``k8s-scheduler-v1.36.3/``,
-``pause-1/``, ``node-images/<name>-<image id>.tar``. Idempotent; a second call builds nothing.
+``pause-1/``, ``node-images/<name>-<image id>.tar``, ``node-images/containerd-root-<key>/``.
+Idempotent; a second call builds nothing. Image builds and exports hold the cache's build
+lock, so runs that build at the same time each get the archive of their own build.
 
-The app image is rebuilt from the working tree on every build (warm, nothing changed: ~45 s,
-buildah's vfs storage; after a source change ~100-150 s); ``MAIL_SELFCHECK_NODE_IMAGE_BUILD=0``
-reuses the image already in the buildah storage (local iteration only).
+The app image is rebuilt when its build context changed (:func:`image_context_digest` over the
+Dockerfile, ``hack/build-image.sh`` and the ``.dockerignore`` allowlist: pyproject.toml,
+constraints.txt, README.md, operator/): after a source change 2-5 min on buildah's vfs
+storage, else nothing. ``MAIL_SELFCHECK_NODE_IMAGE_BUILD=0`` reuses the image already in the
+buildah storage even if the sources changed (local iteration only).
 
-Run: ``Node(cp, run_dir, binaries=build_node()).start()`` / ``.stop()`` (or ``with``); logs
-in ``run_dir``: ``containerd.log``, ``kubelet.log``, ``kube-scheduler.log``, ``forward*.log``.
-A start failure raises :class:`NodeError` with the tails of every component's log. Each
-running node is recorded in ``$MAIL_SELFCHECK_CACHE/node-runs/``; a node whose owner died
-(SIGKILL) is torn down by the next start (or ``python -m tests.harness.node cleanup``): its
-pod processes (by cgroup), shims (by mount-namespace inode), namespaces, cgroups, runc state.
+Run: :func:`start_cluster(cp, node) <start_cluster>` starts the control plane while the node
+prepares (:meth:`Node.prepare`: namespaces, cgroups, containerd on a hard-linked copy of the
+image root, no API server needed), then joins it (:meth:`Node.join`: certificates, RBAC,
+forwarder, kubelet to Ready, scheduler); ``Node.start()`` does both on a started control plane;
+``.stop()`` (or ``with``). Logs in ``run_dir``: ``containerd.log``, ``kubelet.log``,
+``kube-scheduler.log``, ``forward*.log``. A start failure raises :class:`NodeError` with the
+failing component's log first, then the tails of the others. Each running node is recorded
+in ``$MAIL_SELFCHECK_CACHE/node-runs/``; a node whose owner died (SIGKILL) is torn down by the
+next start (or ``python -m tests.harness.node cleanup``): its pod processes (by cgroup), shims
+(by mount-namespace inode), namespaces, cgroups, host state (below).
+
+Two nodes at once (the tests and ``make demo``; two test runs): everything a node configures
+is under its own ``run_dir`` (namespace files, containerd root/state/sockets, runc root, CNI
+config and IPAM state, kubelet root, pod logs) or carries its random id (cgroup root,
+registry entry); its ports are free ports or addresses of its own network namespace. What
+remains shared is named by container/sandbox id and removed at stop: libcni's cache
+``/var/lib/cni/results/*-<id>-*``, the kubelet's ``/var/log/containers/*-<id>.log`` links,
+the shims' ``/run/containerd/s/<sha256 of the containerd socket path, namespace, id>``.
 
 By hand: ``python -m tests.harness.node up`` runs control plane + scheduler + node in the
 foreground and prints ``export KUBECONFIG=...``; Ctrl-C stops everything.
