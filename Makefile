@@ -40,7 +40,8 @@ node: system-deps venv control-plane
 test: system-deps venv control-plane servers gatus node
 	$(BIN)/pytest
 
-## One-command demo: control plane + mail stack + operator + a sample MailSelfcheck.
-## ARGS="--once" stops after the first result; ARGS="--keep" keeps logs and etcd data.
+## One-command demo: control plane + a real node (kubelet + containerd) + mail stack + the chart's
+## operator pod + a sample MailSelfcheck whose probe Job pods run on the node. Builds (or finds) the
+## node and the image first. ARGS="--once" stops after the first result; ARGS="--keep" keeps logs.
 demo: system-deps venv control-plane
 	$(BIN)/python -m tests.harness.demo $(ARGS)

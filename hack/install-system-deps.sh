@@ -7,8 +7,9 @@ set -euo pipefail
 pkgs=(postfix dovecot-imapd dovecot-lmtpd dovecot-sieve postgrey openssl ca-certificates procps buildah debootstrap prometheus
       default-jre-headless)
 # containerd, runc, CNI plugins, iproute2, util-linux (unshare/nsenter): the real node of
-# the node tier (tests/harness/node.py, hack/build-node.sh). Debian 12: containerd 1.6.20.
-pkgs+=(containerd runc containernetworking-plugins iproute2 util-linux)
+# the node tier and the demo (tests/harness/node.py, hack/build-node.sh). Debian 12: containerd
+# 1.6.20. curl: what `make demo` suggests for /metrics inside the node's network namespace.
+pkgs+=(containerd runc containernetworking-plugins iproute2 util-linux curl)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -105,17 +105,21 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):  # SIGINT too: it may have been ignored by our parent
         signal.signal(signum, on_signal)
     try:
+        if nodemod.build_lock_busy():
+            say("another build holds the cache's build lock (a test run or another demo): waiting for it")
         if find_binaries() is None:
             say("building the control plane from Go modules (first time only, ~8 min)")
         binaries = build_all()
         if nodemod.find_node_binaries() is None:
-            say(f"building kubelet {nodemod.NODE_K8S_VERSION} and kube-scheduler (first time only, ~4 min)")
+            say(f"building kubelet {nodemod.NODE_K8S_VERSION} and kube-scheduler (first time only, ~8 min)")
         say(f"building or finding the image {nodemod.APP_IMAGE} (hack/build-image.sh; rebuilt only "
             "when its sources changed)")
         node_binaries = nodemod.build_node()
     except (BuildError, nodemod.NodeError) as e:
         say(f"build failed: {e}")
         return 1
+    except KeyboardInterrupt:
+        return 130
     say(f"built or found in {time.monotonic() - started:.0f} s")
     workdir = Path(tempfile.mkdtemp(prefix="mail-selfcheck-demo-"))
     succeeded = False
@@ -127,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         stack.start()
         say("starting etcd, kube-apiserver, kube-controller-manager, kube-scheduler and the node: "
             f"containerd + kubelet {nodemod.NODE_K8S_VERSION} in the network namespace {node.netns} "
-            f"(only lo and the pod bridge, no route out), importing {nodemod.APP_IMAGE} into containerd")
+            f"(only lo and the pod bridge, no route out), {nodemod.APP_IMAGE} in its image store")
         t0 = time.monotonic()
         nodemod.start_cluster(cp, node)
         say(f"node {node.name} Ready {time.monotonic() - t0:.1f} s later ({node.timings}); "

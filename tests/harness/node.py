@@ -84,6 +84,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -307,6 +308,19 @@ class NodeBinaries:
     images: tuple[Path, ...]
     #: :func:`image_root` of ``images``: the node copies it instead of importing them.
     image_root: Path | None = None
+
+
+def build_lock_busy() -> bool:
+    """True when another process holds the cache's build lock (a build is under way)."""
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".build.lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        return False
 
 
 def build_node(images: bool = True) -> NodeBinaries:

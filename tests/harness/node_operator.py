@@ -4,6 +4,7 @@ MailSelfchecks whose probe pods run there (used by ``tests/node/`` and ``make de
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 import uuid
 from dataclasses import dataclass
@@ -130,13 +131,17 @@ class InstalledOperator:
         self.cp.kubectl("delete", "namespace", self.ns, "--wait=false", check=False)
 
 
+def get_in_netns(node: nodemod.Node, url: str, check: bool = True, timeout: float = 10
+                 ) -> subprocess.CompletedProcess:
+    """HTTP GET ``url`` from inside the node's network namespace (the body on stdout)."""
+    return node.in_netns("python3", "-c", "import sys, urllib.request; sys.stdout.write("
+                         f"urllib.request.urlopen({url!r}, timeout={timeout}).read().decode())",
+                         check=check)
+
+
 def metrics_via_pod_ip(cluster, pod: dict, port: int = 9090) -> str:
     """GET /metrics on the pod IP, from inside the node's network namespace."""
-    url = f"http://{pod['status']['podIP']}:{port}/metrics"
-    out = cluster.node.in_netns(
-        "python3", "-c", f"import urllib.request; print(urllib.request.urlopen({url!r}, "
-        "timeout=10).read().decode())")
-    return out.stdout
+    return get_in_netns(cluster.node, f"http://{pod['status']['podIP']}:{port}/metrics").stdout
 
 
 def mail_objects(cp, ns: str, env: dict[str, str]) -> None:

@@ -20,7 +20,7 @@ from tests.harness.chart_operator import CHART
 from tests.harness.controlplane import free_port, terminate
 from tests.harness.node_fixtures import pod_env
 from tests.harness.node_operator import (
-    InstalledOperator, apply, get, image_values, mail_objects, selfcheck, status,
+    InstalledOperator, apply, get, get_in_netns, image_values, mail_objects, selfcheck, status,
 )
 from tests.harness.waiting import wait_until
 
@@ -78,7 +78,7 @@ def test_prometheus_in_the_node_network_scrapes_the_operator_pod_ip(node_cluster
 
     def api(path: str, **params) -> dict | None:
         url = f"http://127.0.0.1:{port}/api/v1/{path}?{urllib.parse.urlencode(params)}"
-        out = node.in_netns("curl", "-sf", "--max-time", "5", url, check=False)
+        out = get_in_netns(node, url, check=False, timeout=5)
         return json.loads(out.stdout)["data"] if out.returncode == 0 else None
 
     def diag() -> str:
