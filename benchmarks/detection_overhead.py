@@ -22,15 +22,17 @@ Strategies, interleaved run by run (each run is a fresh probe: the in-process hi
   FILE``): that revision's ``adaptive``, loaded in place of the current module for its runs.
 
 Overhead = (moment the probe reports: ``sent_at + reception_time``) - (moment the server
-stored the message): Dovecot's ``mail_log`` line (``MailStack.delivery_time``), Cyrus lmtpd's
-``Delivered:`` syslog line (stamped on receipt by the stack's syslog sink), Courier: the
-Maildir file's mtime (caught with inotify before the probe deletes it). IMAP commands per check
+stored the message): Dovecot's ``mail_log`` line (``MailStack.delivery_time``), Cyrus: the
+spool file's mtime (lmtpd writes it before its index shows the message; the ``Delivered:``
+log line comes after visibility), Courier: the Maildir file's mtime (both caught with inotify
+before the probe deletes the message). IMAP commands per check
 (the whole session: login, detection, fetch, cleanup) are counted by a transparent
 ``tests.harness.imapproxy.ImapProxy`` in front of each server (the probe uses IMAP ``plain``
 to it; ``TCP_NODELAY`` both ways).
 
     .venv/bin/python benchmarks/detection_overhead.py [--runs 10] [--fast-runs 15]
         [--servers dovecot,cyrus,courier] [--before /tmp/detect_before.py]
+        [--only "default,idle only"] [--slow-only] [--trace]
 
 Prints, per server and delay, median / p95 overhead (ms), median commands per check, and the
 ratios to ``poll 100 ms``; then the probe's import time and one run's peak RSS. Not a test.
@@ -52,7 +54,6 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +76,7 @@ STRATEGIES = {
 }
 BASE = "poll 100 ms"
 SLOW_DELAY, SLOW_JITTER = 5.0, 0.1  # seconds
+TRACE = SLOW_ONLY = False  # --trace, --slow-only
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -85,22 +87,33 @@ def _pct(values: list[float], q: float) -> float:
 # -- truth: when the server stored the message --------------------------------------------------
 
 
-class MaildirWatch:
-    """inotify on a Maildir's ``new/`` and ``cur/``: file name -> mtime (epoch s) on arrival."""
+class SpoolWatch:
+    """inotify (``IN_CREATE``, ``IN_MOVED_TO``) on the directories ``dirs()`` returns, re-read
+    every 0.2 s for new ones: Message-ID -> the message file's mtime (epoch s) on arrival."""
 
     IN_CREATE, IN_MOVED_TO = 0x100, 0x80
 
-    def __init__(self, maildir: Path):
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        self.fd = libc.inotify_init1(0)
-        self.dirs = {}
-        for sub in ("new", "cur"):
-            d = maildir / sub
-            d.mkdir(parents=True, exist_ok=True)
-            wd = libc.inotify_add_watch(self.fd, str(d).encode(), self.IN_CREATE | self.IN_MOVED_TO)
-            self.dirs[wd] = d
+    def __init__(self, dirs):
+        self.libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        self.fd = self.libc.inotify_init1(0)
+        self.dirs_fn = dirs
+        self.dirs: dict[int, Path] = {}
         self.mtimes: dict[str, float] = {}
+        self._rescan()
         threading.Thread(target=self._loop, daemon=True).start()
+        threading.Thread(target=self._rescan_loop, daemon=True).start()
+
+    def _rescan(self) -> None:
+        for d in self.dirs_fn():
+            if d not in self.dirs.values():
+                wd = self.libc.inotify_add_watch(self.fd, str(d).encode(), self.IN_CREATE | self.IN_MOVED_TO)
+                if wd >= 0:
+                    self.dirs[wd] = d
+
+    def _rescan_loop(self) -> None:
+        while True:
+            time.sleep(0.2)
+            self._rescan()
 
     def _loop(self) -> None:
         while True:
@@ -110,6 +123,8 @@ class MaildirWatch:
                 wd, _mask, _cookie, length = struct.unpack_from("iIII", data, i)
                 name = data[i + 16:i + 16 + length].rstrip(b"\0").decode()
                 i += 16 + length
+                if wd not in self.dirs:
+                    continue
                 path = self.dirs[wd] / name
                 try:
                     head = path.read_bytes()[:4096]
@@ -120,36 +135,36 @@ class MaildirWatch:
                 if m:
                     self.mtimes.setdefault(m.group(1).decode(), mtime)
 
+    def time_of(self, mid: str) -> float:
+        want = mid.strip("<>")
+        for _ in range(100):
+            if want in self.mtimes:
+                return self.mtimes[want]
+            time.sleep(0.02)
+        raise SystemExit(f"no message file seen for {mid}")
+
 
 def truth_function(name: str, stack):
+    """Epoch seconds at which ``stack`` stored a message (by Message-ID): Dovecot's mail_log
+    line (written just after the message became visible); Courier's Maildir file and Cyrus's
+    spool file (``<uid>.`` under ``spool/uuid/``, written by lmtpd before its index makes the
+    message visible; its ``Delivered:`` log line comes after visibility): their mtimes."""
     if name == "dovecot":
         return lambda mid: stack.delivery_time(mid)
     if name == "cyrus":
-        logs = list(Path(stack.base).rglob("cyrus.log"))
+        from imapclient import IMAPClient
 
-        def cyrus(mid: str) -> float:
-            want = mid.strip("<>")
-            for _ in range(100):
-                for log in logs:
-                    for line in log.read_text(errors="replace").splitlines():
-                        if "Delivered: <" + want + ">" in line:
-                            return datetime.strptime(line[:26], "%Y-%m-%d %H:%M:%S.%f").timestamp()
-                time.sleep(0.02)
-            raise SystemExit(f"no Cyrus delivery logged for {mid}")
-
-        return cyrus
-    watches = [MaildirWatch(stack.maildir(stack._short(u))) for u in ("receiver", "held")]
-
-    def courier(mid: str) -> float:
-        want = mid.strip("<>")
-        for _ in range(100):
-            for w in watches:
-                if want in w.mtimes:
-                    return w.mtimes[want]
-            time.sleep(0.02)
-        raise SystemExit(f"no Maildir file seen for {mid}")
-
-    return courier
+        for user in ("receiver", "held"):  # Cyrus creates INBOX at the first login (autocreate)
+            u = stack.users[stack._short(user)]
+            with IMAPClient("127.0.0.1", port=stack.imap_port, ssl=False) as c:
+                c.login(u.address, u.password)
+        spool = stack.cy_dir / "spool" / "uuid"
+        return SpoolWatch(lambda: [p for p in spool.glob("*/*/*") if p.is_dir()]).time_of
+    maildirs = [stack.maildir(stack._short(u)) for u in ("receiver", "held")]
+    for d in maildirs:
+        for sub in ("new", "cur"):
+            (d / sub).mkdir(parents=True, exist_ok=True)
+    return SpoolWatch(lambda: [d / sub for d in maildirs for sub in ("new", "cur")]).time_of
 
 
 def make_stack(name: str):
@@ -195,7 +210,7 @@ def _load_before(path: str):
     spec.loader.exec_module(module)
     inner = module.wait_for
 
-    def wait_for(box, nonce, deadline):  # the same TCP_NODELAY as the current module (fair)
+    def wait_for(box, nonce, deadline, since=None):  # the same TCP_NODELAY as the current module (fair)
         detect._no_delay(box)
         return inner(box, nonce, deadline)
 
@@ -239,7 +254,8 @@ def bench_server(name: str, runs: int, fast_runs: int, strategies: dict, modules
         truth = truth_function(name, stack)
         # warm-up: the first delivery of a fresh stack is slow (cold caches)
         one_run(stack, proxy, truth, "receiver", None, strategies[BASE])
-        for label, user, delay, n in (("~10 ms", "receiver", None, fast_runs), ("~5 s", "held", SLOW_DELAY, runs)):
+        cells = (("~10 ms", "receiver", None, fast_runs), ("~5 s", "held", SLOW_DELAY, runs))
+        for label, user, delay, n in cells[1:] if SLOW_ONLY else cells:
             data = {s: ([], [], []) for s in strategies}
             for i in range(n + 1):  # round 0 is a warm-up: not counted, but it is "default"'s first history
                 for strategy, extra in strategies.items():
@@ -249,6 +265,10 @@ def bench_server(name: str, runs: int, fast_runs: int, strategies: dict, modules
                         extra[P + "IMAP_EXPECTED_ARRIVAL"] = ",".join(f"{v:.3f}" for v in history[-10:])
                     d = None if delay is None else delay + random.uniform(-SLOW_JITTER, SLOW_JITTER)
                     overhead, commands, reception = one_run(stack, proxy, truth, user, d, extra, modules.get(strategy))
+                    if TRACE:
+                        print(f"  {name} {label} {strategy:<20} round {i}: reception {reception:.3f} s, overhead "
+                              f"{overhead:.1f} ms, {commands} commands, history {extra.get(P + 'IMAP_EXPECTED_ARRIVAL')}",
+                              file=sys.stderr, flush=True)
                     history.append(reception)
                     if i == 0:
                         continue
@@ -296,13 +316,20 @@ def main() -> None:
     parser.add_argument("--fast-runs", type=int, default=15, help="runs per strategy at ~10 ms")
     parser.add_argument("--servers", default="dovecot,cyrus,courier")
     parser.add_argument("--before", help="an earlier detect.py, measured as 'adaptive (before)'")
+    parser.add_argument("--only", help="comma-separated strategies to run (default: all)")
+    parser.add_argument("--slow-only", action="store_true", help="only the ~5 s delivery")
+    parser.add_argument("--trace", action="store_true", help="one line per run on stderr")
     args = parser.parse_args()
+    global TRACE, SLOW_ONLY
+    TRACE, SLOW_ONLY = args.trace, args.slow_only
     configure_logging(verbose=False)
     strategies = dict(STRATEGIES)
     modules = {}
     if args.before:
         strategies["adaptive (before)"] = {P + "IMAP_DETECTION": "adaptive"}
         modules["adaptive (before)"] = _load_before(args.before)
+    if args.only:
+        strategies = {k: v for k, v in strategies.items() if k in args.only.split(",") or k == BASE}
     socket.setdefaulttimeout(None)
     lines = []
     for name in args.servers.split(","):

@@ -36,11 +36,11 @@ def test_no_history_polls_fast_at_first_then_paces_by_the_time_waited() -> None:
 def test_history_waits_once_then_polls_densely_around_the_expected_arrival() -> None:
     p = plan([4.9, 5.0, 5.1])
     start, end = p.window
-    assert 4.7 < start < 4.9 and 5.1 < end < 5.3
+    assert start == 4.9 and 5.1 < end < 5.3 and 4.7 < p.lead_in < 4.9
     assert p.fast_until == detect.FAST_START_PLANNED
     assert before_window(p, 1.0) and not before_window(p, 0.01) and not before_window(p, 5.0)
     checks = _checks(p, 5.0)
-    assert len(checks) <= 12  # fast start + one wait + the window up to the arrival
+    assert len(checks) <= 13  # fast start + one wait + the lead-in + the window up to the arrival
     inside = [c for c in checks if c >= start]
     assert p.dense <= 0.04
     assert all(b - a <= p.dense + 0.001 for a, b in zip(inside, inside[1:]))
@@ -49,12 +49,32 @@ def test_history_waits_once_then_polls_densely_around_the_expected_arrival() -> 
 
 def test_fast_history_keeps_the_fast_gap() -> None:
     p = plan([0.008, 0.012, 0.01])
-    assert p.window[0] == 0.0
+    assert p.lead_in == 0.0 and p.fast_until == 0.0
     assert next_check(p, 0.0) == FAST_POLL and next_check(p, 0.02) == FAST_POLL
+
+
+def test_the_lead_in_is_as_long_as_the_history_is_unsure() -> None:
+    """One earlier reception time says nothing about the spread: polling starts 10 % of it
+    before, with gaps shrinking towards it; an earlier delivery than seen is timed within a
+    fraction of how much earlier it came (not at the window's start, nor by an IDLE)."""
+    one, ten = plan([5.0]), plan([5.0] * 10)
+    assert one.lead_in == pytest.approx(4.5) and ten.lead_in == pytest.approx(5.0 - 0.1)
+    checks = _checks(one, 5.0)
+    lead_in = [c for c in checks if c >= one.lead_in]
+    gaps = [b - a for a, b in zip(lead_in, lead_in[1:])]
+    assert gaps == sorted(gaps, reverse=True) and gaps[0] < 0.11 and gaps[-1] <= one.dense + 0.01
+    assert not before_window(one, 4.6) and before_window(one, 4.4)  # no IDLE inside the lead-in
+    for early in (0.1, 0.3, 0.5):  # seen within 30 ms + 15 % of how early it came
+        at = one.window[0] - early
+        assert min(c for c in checks if c >= at) - at <= one.dense + detect.LEAD_IN_GROWTH * early + 0.001
+    assert len(checks) <= 16
 
 
 def test_an_outlier_does_not_stretch_the_window() -> None:
     assert plan([5.0, 5.1, 4.9, 60.0, 0.01]).window == plan([5.0, 5.1, 4.9]).window
+    # a first check's time (no-history pacing: up to ~0.4 s late) among steady ones
+    assert plan([5.35, 5.1, 5.12, 5.05, 5.13]).window == pytest.approx(plan([5.1, 5.12, 5.05, 5.13]).window, abs=0.001)
+    assert plan([4.8, 4.9, 5.0, 5.1, 5.2]).window[0] == 4.8  # a real spread is kept
 
 
 def test_a_wide_spread_is_polled_less_densely_to_bound_the_commands() -> None:

@@ -14,10 +14,15 @@ elapsed times are counted from the SMTP submission's 250 reply to DATA (before Q
     :data:`IDLE_RENEW` instead (a push ends them at once).
   - **History** (``imap_expected_arrival``: recent reception times, from the controller or
     from earlier runs of this process, ``run --loop``): a short fast start (until
-    :data:`FAST_START_PLANNED`), then one IDLE (or a plain sleep) until shortly before the
-    earliest recent arrival, NOOP every :data:`DENSE_POLL` through the window of recent
-    arrivals (widened by :data:`WINDOW_LEAD` + :data:`WINDOW_LEAD_SHARE` of the median on both
-    sides), then the no-history pacing, counted from the window's end.
+    :data:`FAST_START_PLANNED`), then one IDLE (or a plain sleep) until the *lead-in*, NOOPs
+    whose gap shrinks towards the earliest recent arrival (``DENSE_POLL`` +
+    :data:`LEAD_IN_GROWTH` x the distance to it), NOOP every :data:`DENSE_POLL` through the
+    window of recent arrivals (up to :data:`WINDOW_LEAD` + :data:`WINDOW_LEAD_SHARE` of the
+    median after the latest), then gaps growing with the time past the window. The lead-in
+    is as long as the history is unsure: :data:`LEAD_IN_SHARE` of the median divided by the
+    number of recent arrivals (a single one says little about the spread), at least the
+    window's lead: an earlier delivery than ever seen is still timed within a fraction of
+    how much earlier it came, not at the window's start.
 
   Dovecot notifies an IDLE about 0.5 s after delivery (``NOTIFY_DELAY_MSECS`` in its
   ``mailbox-watch.c``); a NOOP is answered from the current state. Courier-IMAP (Debian's
@@ -68,9 +73,12 @@ FAST_POLL = 0.01  # seconds: the smallest gap between two NOOPs
 POLL_GROWTH = 0.1  # share of the time waited used as the gap between checks
 FAST_START_PLANNED = 0.03  # seconds of fast polling when history expects the message later
 DENSE_POLL = 0.03  # seconds between NOOPs inside the expected-arrival window
-MAX_WINDOW_POLLS = 12  # a wider window polls less densely (at most 0.1 s apart)
+MAX_WINDOW_POLLS = 14  # a wider window polls less densely (at most 0.1 s apart)
+WINDOW_SPREAD = 2.5  # robust standard deviations around the median that the window covers
 WINDOW_LEAD = 0.05  # seconds added before the earliest and after the latest recent arrival...
 WINDOW_LEAD_SHARE = 0.01  # ... plus this share of their median
+LEAD_IN_SHARE = 0.1  # lead-in before the earliest recent arrival: this share of the median / n
+LEAD_IN_GROWTH = 0.15  # in the lead-in, the gap grows by this share of the distance to the window
 IDLE_MIN = 0.3  # seconds: shorter waits are sleeps, longer ones IDLE (where offered)
 SLOW_POLL_MAX = 1.0  # seconds: longest wait between two checks while IDLE has never pushed
 IDLE_RENEW = 5.0  # seconds: longest IDLE (once the server's IDLE has pushed)
@@ -91,27 +99,36 @@ class Plan:
 
     ``fast_until``: end of the initial fast polling; ``window``: ``(start, end)`` of dense
     polling around the expected arrival, or ``None`` without history; ``dense``: the gap
-    between NOOPs inside the window."""
+    between NOOPs inside the window; ``lead_in``: when polling starts before the window (the
+    gaps shrink towards ``window[0]``); nothing is expected before it."""
 
     fast_until: float
     window: tuple[float, float] | None = None
     dense: float = DENSE_POLL
+    lead_in: float = 0.0
 
 
 def plan(recent: list[float]) -> Plan:
     """The :class:`Plan` for recent reception times ``recent`` (seconds; any order).
 
-    Values far from their median (below half or above twice of it) are ignored, so one
-    outlier does not stretch the window."""
+    Values far from their median are ignored, so one outlier does not stretch the window:
+    below half or above twice of it, and with 4 or more values those more than
+    :data:`WINDOW_SPREAD` robust standard deviations (1.4826 x the median absolute
+    deviation) away (e.g. a first check's time, measured by the coarser no-history pacing);
+    an arrival there is still found by the lead-in or the pacing after the window."""
     values = [v for v in recent if v >= 0]
     if not values:
         return Plan(fast_until=0.0)
     median = statistics.median(values)
     near = [v for v in values if median / 2 <= v <= median * 2] or [median]
     lead = WINDOW_LEAD + WINDOW_LEAD_SHARE * median
-    start, end = max(0.0, min(near) - lead), max(near) + lead
+    if len(near) >= 4:
+        spread = WINDOW_SPREAD * 1.4826 * statistics.median(abs(v - median) for v in near)
+        near = [v for v in near if abs(v - median) <= max(spread, lead)]
+    start, end = min(near), max(near) + lead
+    lead_in = max(0.0, start - max(lead, LEAD_IN_SHARE * median / len(near)))
     dense = min(0.1, max(DENSE_POLL, (end - start) / MAX_WINDOW_POLLS))
-    return Plan(fast_until=min(FAST_START_PLANNED, start), window=(start, end), dense=dense)
+    return Plan(fast_until=min(FAST_START_PLANNED, lead_in), window=(start, end), dense=dense, lead_in=lead_in)
 
 
 def next_check(p: Plan, elapsed: float, slow_max: float = SLOW_POLL_MAX) -> float:
@@ -122,16 +139,20 @@ def next_check(p: Plan, elapsed: float, slow_max: float = SLOW_POLL_MAX) -> floa
     if p.window is None:
         return min(slow_max, max(FAST_POLL, POLL_GROWTH * elapsed))
     start, end = p.window
+    paced = max(FAST_POLL, POLL_GROWTH * elapsed)  # a fast delivery keeps the fast gap
+    if elapsed < p.lead_in:
+        return p.lead_in - elapsed  # nothing expected before the lead-in: one wait
     if elapsed < start:
-        return start - elapsed  # nothing expected before the window: one wait
+        return min(p.dense + LEAD_IN_GROWTH * (start - elapsed), paced)
     if elapsed <= end:
-        return min(p.dense, max(FAST_POLL, POLL_GROWTH * elapsed))
+        return min(p.dense, paced)
     return min(slow_max, p.dense + POLL_GROWTH * (elapsed - end))
 
 
 def before_window(p: Plan, elapsed: float) -> bool:
-    """True between the fast start and the expected-arrival window (nothing expected yet)."""
-    return p.window is not None and p.fast_until <= elapsed < p.window[0]
+    """True between the fast start and the lead-in of the expected-arrival window (nothing
+    expected yet: a cheap wait)."""
+    return p.window is not None and p.fast_until <= elapsed < p.lead_in
 
 
 def _key(box: "Mailbox") -> tuple:
