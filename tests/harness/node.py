@@ -264,9 +264,25 @@ def _stem(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
-#: Archives of older image ids are removed only after this long unused: a concurrent run
-#: may have been handed one a moment ago and still be importing it.
-ARCHIVE_KEEP_SECONDS = 3600
+#: Archives and containerd roots of older images are removed once they are neither among the
+#: two most recently used nor used in the last ARCHIVE_KEEP_SECONDS (a concurrent run may have
+#: been handed one a moment ago and still be reading it): ~1 GB per image.
+ARCHIVE_KEEP_SECONDS = 600
+
+
+def _prune(paths: list[Path], stamp, keep: Path) -> None:
+    """Remove ``paths`` (files or directories) but ``keep``, the two most recently used and
+    those used in the last ARCHIVE_KEEP_SECONDS; ``stamp(path)`` is the file whose mtime says
+    when it was last used."""
+    def used(p: Path) -> float:
+        try:
+            return stamp(p).stat().st_mtime
+        except OSError:
+            return 0.0
+    for old in sorted(paths, key=used, reverse=True)[2:]:
+        if old != keep and time.time() - used(old) > ARCHIVE_KEEP_SECONDS:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
 def image_archive(name: str) -> Path:
@@ -284,10 +300,7 @@ def image_archive(name: str) -> Path:
         _buildah("push", "--quiet", name, f"docker-archive:{tmp}:{name}")
         tmp.rename(path)
     os.utime(path)  # in use: see ARCHIVE_KEEP_SECONDS
-    for old in d.glob(f"{stem}-*.tar"):
-        with contextlib.suppress(OSError):
-            if old != path and time.time() - old.stat().st_mtime > ARCHIVE_KEEP_SECONDS:
-                old.unlink()
+    _prune(list(d.glob(f"{stem}-*.tar")), lambda p: p, path)
     return path
 
 
@@ -432,10 +445,7 @@ def image_root(archives: tuple[Path, ...]) -> Path:
     (work / "root").rename(dest)
     shutil.rmtree(work, ignore_errors=True)
     (dest / "READY").write_text("\n".join(str(a) for a in archives) + "\n")
-    for old in _images_dir().glob("containerd-root-*"):
-        with contextlib.suppress(OSError):
-            if old != dest and time.time() - (old / "READY").stat().st_mtime > ARCHIVE_KEEP_SECONDS:
-                shutil.rmtree(old)
+    _prune(list(_images_dir().glob("containerd-root-*")), lambda p: p / "READY", dest)
     _log(f"containerd image root {dest.name} made in {time.monotonic() - t0:.0f}s")
     return dest
 
