@@ -87,12 +87,16 @@ def _held_env(server, proxy: ImapProxy, **kw) -> dict[str, str]:
     return server.env(to_user="held", imap_security="plain", imap_port=proxy.port, timeout="20", **kw)
 
 
-def _assert_timed_at_announcement(result: dict, release: Release) -> None:
+def _assert_timed_at_announcement(result: dict, release: Release, stack=None) -> None:
+    """Not before the release; not an own wait after it, or after Dovecot stored the message
+    (``stack``: a ``MailStack``; under CPU load Postfix may take longer than ``OWN_WAIT``
+    to deliver a released message, which is no fault of the probe's)."""
     assert result["success"] is True, result
     assert release.released_at is not None, "the message was never released"
     released = release.released_at - result["sent_at"]
     assert result["reception_time"] >= released - 0.002, (result["reception_time"], released)
-    assert result["reception_time"] < released + OWN_WAIT, (result["reception_time"], released)
+    stored = stack.delivery_time(result["message_id"]) - result["sent_at"] if stack is not None else released
+    assert result["reception_time"] < max(released, stored) + OWN_WAIT, (result["reception_time"], released, stored)
 
 
 @pytest.mark.parametrize("matrix_server", WITH_POSTFIX, indirect=True)
@@ -103,7 +107,7 @@ def test_late_delivery_with_expected_arrival_costs_at_most_30_commands(matrix_se
         env = _held_env(matrix_server, proxy, imap_expected_arrival="2.95,3.0,3.05")
         with Release(matrix_server.stack, 3.0) as release:
             result = _cli(env)
-        _assert_timed_at_announcement(result, release)
+        _assert_timed_at_announcement(result, release, matrix_server.stack if matrix_server.name == "dovecot" else None)
         assert proxy.command_count() <= 30, (proxy.command_names(), proxy.commands)
         assert result["imap_commands"] == proxy.command_count()  # the run counts its own load
         assert 3.0 < result["imap_session_seconds"] <= result["duration"], result

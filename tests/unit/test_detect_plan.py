@@ -64,7 +64,7 @@ def test_the_lead_in_is_as_long_as_the_history_is_unsure() -> None:
     gaps = [b - a for a, b in zip(lead_in, lead_in[1:])]
     assert gaps == sorted(gaps, reverse=True) and gaps[0] < 0.11 and gaps[-1] <= one.dense + 0.01
     assert not before_window(one, 4.6) and before_window(one, 4.4)  # no IDLE inside the lead-in
-    for early in (0.1, 0.3, 0.5):  # seen within 30 ms + 15 % of how early it came
+    for early in (0.1, 0.3, 0.5):  # seen within the dense gap + 10 % of how early it came
         at = one.window[0] - early
         assert min(c for c in checks if c >= at) - at <= one.dense + detect.LEAD_IN_GROWTH * early + 0.001
     assert len(checks) <= 16

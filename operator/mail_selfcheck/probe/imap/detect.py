@@ -71,14 +71,14 @@ if TYPE_CHECKING:
 
 FAST_POLL = 0.01  # seconds: the smallest gap between two NOOPs
 POLL_GROWTH = 0.1  # share of the time waited used as the gap between checks
-FAST_START_PLANNED = 0.03  # seconds of fast polling when history expects the message later
-DENSE_POLL = 0.03  # seconds between NOOPs inside the expected-arrival window
-MAX_WINDOW_POLLS = 14  # a wider window polls less densely (at most 0.1 s apart)
+FAST_START_PLANNED = 0.02  # seconds of fast polling when history expects the message later (2 NOOPs)
+DENSE_POLL = 0.025  # seconds between NOOPs inside the expected-arrival window
+MAX_WINDOW_POLLS = 16  # a wider window polls less densely (at most 0.1 s apart)
 WINDOW_SPREAD = 2.5  # robust standard deviations around the median that the window covers
 WINDOW_LEAD = 0.05  # seconds added before the earliest and after the latest recent arrival...
 WINDOW_LEAD_SHARE = 0.01  # ... plus this share of their median
 LEAD_IN_SHARE = 0.1  # lead-in before the earliest recent arrival: this share of the median / n
-LEAD_IN_GROWTH = 0.15  # in the lead-in, the gap grows by this share of the distance to the window
+LEAD_IN_GROWTH = 0.1  # in the lead-in, the gap grows by this share of the distance to the window
 IDLE_MIN = 0.3  # seconds: shorter waits are sleeps, longer ones IDLE (where offered)
 SLOW_POLL_MAX = 1.0  # seconds: longest wait between two checks while IDLE has never pushed
 IDLE_RENEW = 5.0  # seconds: longest IDLE (once the server's IDLE has pushed)
