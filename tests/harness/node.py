@@ -234,24 +234,48 @@ def image_context_digest() -> str:
     return h.hexdigest()
 
 
-def build_app_image() -> None:
-    """``hack/build-image.sh`` when its inputs changed since the last build of ``APP_IMAGE``
-    (:func:`image_context_digest`); otherwise nothing (a no-change buildah build still
-    costs ~45 s on the vfs driver). Caller holds ``_build_lock()``."""
-    stamp = _images_dir() / (_stem(APP_IMAGE) + ".context")
+def _built_id(build_output: str) -> str | None:
+    """The image ID in ``buildah bud`` output: its last line (the full ID), else the
+    ``--> ID`` line after the final ``COMMIT``."""
+    lines = [line.strip() for line in build_output.splitlines() if line.strip()]
+    full = [line for line in lines if re.fullmatch(r"[0-9a-f]{64}", line)]
+    if full:
+        return full[-1]
+    commits = [i for i, line in enumerate(lines) if " COMMIT " in f" {line}"]
+    for line in lines[commits[-1] + 1:] if commits else []:
+        if m := re.fullmatch(r"--> (?:Using cache )?([0-9a-f]{11,64})", line):
+            return _image_id(m.group(1))
+    return None
+
+
+def build_app_image() -> str:
+    """The ID of the app image built from this working tree: ``hack/build-image.sh`` when no
+    build of the same context (:func:`image_context_digest`) has its archive cached yet;
+    otherwise nothing (a no-change buildah build still costs ~45 s on the vfs driver).
+
+    The ID comes from this build's own output, never from the tag: another tree (a CI clone
+    on the same machine) may retag ``APP_IMAGE`` a moment later. Caller holds ``_build_lock()``."""
     digest = image_context_digest()
-    with contextlib.suppress(OSError, ValueError):
-        known = json.loads(stamp.read_text())
-        if known.get("context") == digest and known.get("image_id") == _image_id(APP_IMAGE):
-            _log(f"image {APP_IMAGE} is up to date with the working tree (context {digest[:12]})")
-            return
+    stamp = _images_dir() / f"{_stem(APP_IMAGE)}-context-{digest[:16]}.json"
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        image_id = json.loads(stamp.read_text())["image_id"]
+        if _archive_path(APP_IMAGE, image_id).is_file():
+            _log(f"image {APP_IMAGE} of this working tree is cached ({image_id[:12]}, context {digest[:12]})")
+            os.utime(stamp)
+            return image_id
     t0 = time.monotonic()
     proc = subprocess.run(["bash", str(BUILD_IMAGE)], capture_output=True, text=True,
                           timeout=1800, env={**os.environ, "IMAGE": APP_IMAGE})
     if proc.returncode != 0:
         raise NodeError(f"hack/build-image.sh failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    stamp.write_text(json.dumps({"context": digest, "image_id": _image_id(APP_IMAGE)}) + "\n")
-    _log(f"image {APP_IMAGE} built in {time.monotonic() - t0:.0f}s")
+    image_id = _built_id(proc.stdout + "\n" + proc.stderr)
+    if not image_id:
+        raise NodeError(f"no image ID in the output of hack/build-image.sh:\n{proc.stderr[-2000:]}")
+    if image_context_digest() == digest:  # else the tree changed during the build: no stamp
+        stamp.write_text(json.dumps({"context": digest, "image_id": image_id}) + "\n")
+    _prune(list(_images_dir().glob(f"{_stem(APP_IMAGE)}-context-*.json")), lambda p: p, stamp)
+    _log(f"image {APP_IMAGE} built in {time.monotonic() - t0:.0f}s ({image_id[:12]})")
+    return image_id
 
 
 def _images_dir() -> Path:
@@ -285,19 +309,27 @@ def _prune(paths: list[Path], stamp, keep: Path) -> None:
                 shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
-def image_archive(name: str) -> Path:
-    """A ``docker-archive`` of the buildah image ``name`` (cached by image id). Caller holds
-    ``_build_lock()``: two runs (the tests and ``make demo``) may build from different
-    working-tree states, each gets the archive of its own build."""
-    image_id = _image_id(name)
+def _archive_path(name: str, image_id: str) -> Path:
+    return _images_dir() / f"{_stem(name)}-{image_id[:12]}.tar"
+
+
+def image_archive(name: str, image_id: str | None = None) -> Path:
+    """A ``docker-archive`` of the buildah image ``image_id`` (default: what ``name`` is
+    tagged now) named ``name`` inside, cached by image id. Caller holds ``_build_lock()``:
+    two runs (the tests and ``make demo``, or two trees) may build at the same time, each gets
+    the archive of its own build."""
+    image_id = image_id or _image_id(name)
     if not image_id:
         raise NodeError(f"image {name} is not in the buildah storage (run the node build)")
     d, stem = _images_dir(), _stem(name)
-    path = d / f"{stem}-{image_id[:12]}.tar"
+    path = _archive_path(name, image_id)
     if not path.is_file():
         tmp = d / f"{path.name}.{os.getpid()}.tmp"
         tmp.unlink(missing_ok=True)
-        _buildah("push", "--quiet", name, f"docker-archive:{tmp}:{name}")
+        proc = _buildah("push", "--quiet", image_id, f"docker-archive:{tmp}:{name}", check=False)
+        if proc.returncode != 0:
+            raise NodeError(f"exporting {name} ({image_id[:12]}) failed; if another tree's build "
+                            f"replaced and pruned it meanwhile, run again:\n{proc.stderr[-2000:]}")
         tmp.rename(path)
     os.utime(path)  # in use: see ARCHIVE_KEEP_SECONDS
     _prune(list(d.glob(f"{stem}-*.tar")), lambda p: p, path)
@@ -348,12 +380,19 @@ def build_node(images: bool = True) -> NodeBinaries:
     archives: tuple[Path, ...] = ()
     if images:
         with _build_lock():  # one image build + export at a time per cache (tests and demo)
-            build_pause_image()
+            # The pause image never changes (PAUSE_VERSION): its archive, once made, is used
+            # without asking buildah (whose lock another tree's image build may hold for minutes).
+            pause = max(_images_dir().glob(f"{_stem(PAUSE_IMAGE)}-*.tar"), default=None,
+                        key=lambda p: p.stat().st_mtime)
+            if pause is None:
+                build_pause_image()
+                pause = image_archive(PAUSE_IMAGE)
+            app_id = None
             if os.environ.get("MAIL_SELFCHECK_NODE_IMAGE_BUILD", "1") != "0" or not _image_id(APP_IMAGE):
-                build_app_image()
+                app_id = build_app_image()
             else:
                 _log(f"MAIL_SELFCHECK_NODE_IMAGE_BUILD=0: using the {APP_IMAGE} already built")
-            archives = (image_archive(PAUSE_IMAGE), image_archive(APP_IMAGE))
+            archives = (pause, image_archive(APP_IMAGE, app_id))
             root = image_root(archives)
     _log(f"node build ready in {time.monotonic() - t0:.0f}s")
     return NodeBinaries(kubelet / "kubelet", sched / "kube-scheduler", archives,
