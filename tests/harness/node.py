@@ -51,11 +51,15 @@ unpacked (:func:`image_root`), all cached in ``$MAIL_SELFCHECK_CACHE``
 Idempotent; a second call builds nothing. Image builds and exports hold the cache's build
 lock, so runs that build at the same time each get the archive of their own build.
 
-The app image is rebuilt when its build context changed (:func:`image_context_digest` over the
-Dockerfile, ``hack/build-image.sh`` and the ``.dockerignore`` allowlist: pyproject.toml,
-constraints.txt, README.md, operator/): after a source change 2-5 min on buildah's vfs
-storage, else nothing. ``MAIL_SELFCHECK_NODE_IMAGE_BUILD=0`` reuses the image already in the
-buildah storage even if the sources changed (local iteration only).
+The app image is rebuilt when no build of the same context is cached
+(:func:`image_context_digest` over the Dockerfile, ``hack/build-image.sh`` and the
+``.dockerignore`` allowlist: pyproject.toml, constraints.txt, README.md, operator/; a stamp
+``node-images/<name>-context-<digest>.json`` names the image ID that build printed): after a
+source change 2-5 min on buildah's vfs storage, else nothing (no buildah call either). The
+archive is exported by that ID, so two trees on one machine (a CI clone and the working tree)
+that share the ``localhost/mail-selfcheck:dev`` tag each run their own image.
+``MAIL_SELFCHECK_NODE_IMAGE_BUILD=0`` takes whatever the tag names now, even if the sources
+changed (local iteration only).
 
 Run: :func:`start_cluster(cp, node) <start_cluster>` starts the control plane while the node
 prepares (:meth:`Node.prepare`: namespaces, cgroups, containerd on a hard-linked copy of the
