@@ -759,7 +759,14 @@ class Node:
             fake.write_text(value + "\n")
             self._run(["mount", "--bind", "-o", "ro", str(fake), f"/proc/sys/{key}"],
                       f"bind {key}", mnt=True)
-        # The CNI bridge, pod netns files etc. go under the run dir; host-local IPAM state too.
+        # Pod netns files: containerd 1.6 makes them in /var/run/netns whatever the config says
+        # (netns_mounts_under is containerd 1.7+), and a node stopped with live sandboxes left
+        # empty cni-* files on the host. A tmpfs of the node's own there keeps them inside the
+        # node's mount namespace; they vanish with it.
+        Path("/run/netns").mkdir(exist_ok=True)
+        self._run(["mount", "-t", "tmpfs", "-o", "mode=0755,size=1m", "tmpfs", "/run/netns"],
+                  "tmpfs on /run/netns", mnt=True)
+        # The CNI bridge etc. go under the run dir; host-local IPAM state too.
         (self.run_dir / "resolv.conf").write_text(
             "# no DNS in the node: lookups fail at once (pods use IP addresses)\n"
             "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
@@ -834,7 +841,7 @@ class Node:
   sandbox_image = "{PAUSE_IMAGE}"
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
-  netns_mounts_under = "{self.run_dir / 'netns'}"
+  netns_mounts_under = "{self.run_dir / 'netns'}"  # containerd 1.7+; 1.6: the tmpfs above
   disable_apparmor = true
   # This VM withholds CAP_SYS_RESOURCE: no oom_score_adj below containerd's own.
   restrict_oom_score_adj = true

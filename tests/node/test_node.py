@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,16 @@ def test_everything_the_node_writes_is_its_own(node_cluster):
         assert kubelet[key].startswith(run + "/"), (key, kubelet[key])
     assert node.id in kubelet["cgroupRoot"] and node.id in nodemod._registry_file(node.id).name
     assert node.netns.is_relative_to(node.run_dir) and node.cd_sock.is_relative_to(node.run_dir)
+
+
+def test_pod_netns_files_stay_in_the_node(node_cluster):
+    """containerd 1.6 pins each pod's network namespace in /var/run/netns/cni-<uuid> (its
+    netns_mounts_under is 1.7+): in the node's mount namespace that is a tmpfs of its own,
+    so a node stopped with live sandboxes leaves no file on the host."""
+    node = node_cluster.node
+    out = subprocess.run(["nsenter", f"--mount={node.mntns}", "--", "findmnt", "-n", "-o", "FSTYPE",
+                          "/run/netns"], capture_output=True, text=True, check=True).stdout.split()
+    assert out[-1:] == ["tmpfs"], out
+    # ... and only there: on the host /run/netns is no mount point (private propagation).
+    host = subprocess.run(["findmnt", "-n", "--mountpoint", "/run/netns"], capture_output=True, text=True)
+    assert host.returncode != 0, host.stdout
