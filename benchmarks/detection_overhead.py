@@ -41,15 +41,12 @@ ratios to ``poll 100 ms``; then the probe's import time and one run's peak RSS. 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import importlib.util
 import os
 import random
 import re
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import threading
@@ -66,6 +63,7 @@ from mail_selfcheck.probe.report import configure_logging  # noqa: E402
 from mail_selfcheck.probe.run import run_probe  # noqa: E402
 from tests.harness.imapproxy import ImapProxy, Personality  # noqa: E402
 from tests.harness.mailstack import MailStack  # noqa: E402
+from tests.harness.stored import truth_function  # noqa: E402
 
 P = "MESSAGES_SELFCHECK_"
 STRATEGIES = {
@@ -84,87 +82,7 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-# -- truth: when the server stored the message --------------------------------------------------
-
-
-class SpoolWatch:
-    """inotify (``IN_CREATE``, ``IN_MOVED_TO``) on the directories ``dirs()`` returns, re-read
-    every 0.2 s for new ones: Message-ID -> the message file's mtime (epoch s) on arrival."""
-
-    IN_CREATE, IN_MOVED_TO = 0x100, 0x80
-
-    def __init__(self, dirs):
-        self.libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
-        self.fd = self.libc.inotify_init1(0)
-        self.dirs_fn = dirs
-        self.dirs: dict[int, Path] = {}
-        self.mtimes: dict[str, float] = {}
-        self._rescan()
-        threading.Thread(target=self._loop, daemon=True).start()
-        threading.Thread(target=self._rescan_loop, daemon=True).start()
-
-    def _rescan(self) -> None:
-        for d in self.dirs_fn():
-            if d not in self.dirs.values():
-                wd = self.libc.inotify_add_watch(self.fd, str(d).encode(), self.IN_CREATE | self.IN_MOVED_TO)
-                if wd >= 0:
-                    self.dirs[wd] = d
-
-    def _rescan_loop(self) -> None:
-        while True:
-            time.sleep(0.2)
-            self._rescan()
-
-    def _loop(self) -> None:
-        while True:
-            data = os.read(self.fd, 65536)
-            i = 0
-            while i < len(data):
-                wd, _mask, _cookie, length = struct.unpack_from("iIII", data, i)
-                name = data[i + 16:i + 16 + length].rstrip(b"\0").decode()
-                i += 16 + length
-                if wd not in self.dirs:
-                    continue
-                path = self.dirs[wd] / name
-                try:
-                    head = path.read_bytes()[:4096]
-                    mtime = path.stat().st_mtime_ns / 1e9
-                except OSError:
-                    continue
-                m = re.search(rb"^Message-ID:\s*<([^>]+)>", head, re.M | re.I)
-                if m:
-                    self.mtimes.setdefault(m.group(1).decode(), mtime)
-
-    def time_of(self, mid: str) -> float:
-        want = mid.strip("<>")
-        for _ in range(100):
-            if want in self.mtimes:
-                return self.mtimes[want]
-            time.sleep(0.02)
-        raise SystemExit(f"no message file seen for {mid}")
-
-
-def truth_function(name: str, stack):
-    """Epoch seconds at which ``stack`` stored a message (by Message-ID): Dovecot's mail_log
-    line (written just after the message became visible); Courier's Maildir file and Cyrus's
-    spool file (``<uid>.`` under ``spool/uuid/``, written by lmtpd before its index makes the
-    message visible; its ``Delivered:`` log line comes after visibility): their mtimes."""
-    if name == "dovecot":
-        return lambda mid: stack.delivery_time(mid)
-    if name == "cyrus":
-        from imapclient import IMAPClient
-
-        for user in ("receiver", "held"):  # Cyrus creates INBOX at the first login (autocreate)
-            u = stack.users[stack._short(user)]
-            with IMAPClient("127.0.0.1", port=stack.imap_port, ssl=False) as c:
-                c.login(u.address, u.password)
-        spool = stack.cy_dir / "spool" / "uuid"
-        return SpoolWatch(lambda: [p for p in spool.glob("*/*/*") if p.is_dir()]).time_of
-    maildirs = [stack.maildir(stack._short(u)) for u in ("receiver", "held")]
-    for d in maildirs:
-        for sub in ("new", "cur"):
-            (d / sub).mkdir(parents=True, exist_ok=True)
-    return SpoolWatch(lambda: [d / sub for d in maildirs for sub in ("new", "cur")]).time_of
+# -- truth: when the server stored the message: tests/harness/stored.py
 
 
 def make_stack(name: str):

@@ -20,6 +20,7 @@ IDLE cycles), which is what "timed at the announcement" means.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -32,6 +33,7 @@ from pathlib import Path
 import pytest
 
 from tests.harness.imapproxy import ImapProxy, Personality, SilentIdle
+from tests.harness.stored import truth_function
 
 pytestmark = pytest.mark.integration
 
@@ -87,27 +89,39 @@ def _held_env(server, proxy: ImapProxy, **kw) -> dict[str, str]:
     return server.env(to_user="held", imap_security="plain", imap_port=proxy.port, timeout="20", **kw)
 
 
-def _assert_timed_at_announcement(result: dict, release: Release, stack=None) -> None:
-    """Not before the release; not an own wait after it, or after Dovecot stored the message
-    (``stack``: a ``MailStack``; under CPU load Postfix may take longer than ``OWN_WAIT``
-    to deliver a released message, which is no fault of the probe's)."""
+@contextlib.contextmanager
+def _stored(server_name: str, stack):
+    """``f(message_id)``: epoch seconds at which the server stored the message (Dovecot's log,
+    Courier's/Cyrus's message file mtime: tests/harness/stored.py)."""
+    f = truth_function(server_name, stack, users=("held",))
+    try:
+        yield f
+    finally:
+        if hasattr(f, "watch"):
+            f.watch.close()
+
+
+def _assert_timed_at_announcement(result: dict, release: Release, stored=None) -> None:
+    """Not before the release; not an own wait after it, or after the server stored the
+    message (``stored``: see :func:`_stored`; under CPU load Postfix may take longer than
+    ``OWN_WAIT`` to deliver a released message, which is no fault of the probe's)."""
     assert result["success"] is True, result
     assert release.released_at is not None, "the message was never released"
     released = release.released_at - result["sent_at"]
     assert result["reception_time"] >= released - 0.002, (result["reception_time"], released)
-    stored = stack.delivery_time(result["message_id"]) - result["sent_at"] if stack is not None else released
-    assert result["reception_time"] < max(released, stored) + OWN_WAIT, (result["reception_time"], released, stored)
+    at = stored(result["message_id"]) - result["sent_at"] if stored is not None else released
+    assert result["reception_time"] < max(released, at) + OWN_WAIT, (result["reception_time"], released, at)
 
 
 @pytest.mark.parametrize("matrix_server", WITH_POSTFIX, indirect=True)
 def test_late_delivery_with_expected_arrival_costs_at_most_30_commands(matrix_server) -> None:
     """History says ~3 s: one IDLE until shortly before, NOOPs around it; the whole check
     (login, detection, fetch, cleanup, logout) stays within 30 IMAP commands."""
-    with ImapProxy(matrix_server.stack, Personality()) as proxy:
+    with ImapProxy(matrix_server.stack, Personality()) as proxy, _stored(matrix_server.name, matrix_server.stack) as stored:
         env = _held_env(matrix_server, proxy, imap_expected_arrival="2.95,3.0,3.05")
         with Release(matrix_server.stack, 3.0) as release:
             result = _cli(env)
-        _assert_timed_at_announcement(result, release, matrix_server.stack if matrix_server.name == "dovecot" else None)
+        _assert_timed_at_announcement(result, release, stored)
         assert proxy.command_count() <= 30, (proxy.command_names(), proxy.commands)
         assert result["imap_commands"] == proxy.command_count()  # the run counts its own load
         assert 3.0 < result["imap_session_seconds"] <= result["duration"], result
@@ -118,11 +132,11 @@ def test_late_delivery_with_expected_arrival_costs_at_most_30_commands(matrix_se
 def test_late_delivery_without_history_is_found_by_paced_polling(matrix_server) -> None:
     """A new resource's first check (no history): the message is still seen soon after the
     release, and far fewer commands than NOOP-every-10-ms (~300 for 3 s) are sent."""
-    with ImapProxy(matrix_server.stack, Personality()) as proxy:
+    with ImapProxy(matrix_server.stack, Personality()) as proxy, _stored(matrix_server.name, matrix_server.stack) as stored:
         env = _held_env(matrix_server, proxy)
         with Release(matrix_server.stack, 3.0) as release:
             result = _cli(env)
-        _assert_timed_at_announcement(result, release)
+        _assert_timed_at_announcement(result, release, stored)
         assert proxy.command_names().get("NOOP", 0) <= 80, proxy.command_names()
 
 
@@ -138,7 +152,7 @@ def test_idle_that_never_pushes_still_finds_the_message_promptly(mail_stack, exp
             env["MESSAGES_SELFCHECK_IMAP_EXPECTED_ARRIVAL"] = expected
         with Release(mail_stack, 2.0) as release:
             result = _cli(env)
-        _assert_timed_at_announcement(result, release)
+        _assert_timed_at_announcement(result, release, mail_stack.delivery_time)
 
 
 def test_idle_strategy_on_a_silent_idle_still_finds_the_message(mail_stack) -> None:
