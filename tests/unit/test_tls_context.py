@@ -16,8 +16,7 @@ SYSTEM_BUNDLE = Path(ssl.get_default_verify_paths().cafile or "/etc/ssl/certs/ca
 
 @pytest.fixture
 def pems() -> list[str]:
-    if not SYSTEM_BUNDLE.is_file():
-        pytest.skip("no system CA bundle to take certificates from")
+    assert SYSTEM_BUNDLE.is_file(), f"no system CA bundle at {SYSTEM_BUNDLE} (hack/install-system-deps.sh installs ca-certificates)"
     found = re.findall(r"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\n", SYSTEM_BUNDLE.read_text(), re.S)
     return found[:2]
 
